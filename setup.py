@@ -16,6 +16,7 @@ _CORE = [
     'ml_collections>=1.0',
     'tensorflow-datasets>=4.9.10',
     'array-record>=0.8.1',
+    'importlib_resources>=6.0',  # tensorflow-datasets needs it for builders defined outside tfds
     'grain>=0.2.18',
 ]
 

@@ -1,0 +1,87 @@
+"""The interface every family implements, and what they share.
+
+A model is an `nnx.Module` with
+
+  __call__(tokens [B, T] int32, positions [B, T] int32, cache=None) -> (logits [B, T, V] float32, cache)
+  init_cache(batch, max_len, dtype) -> cache   (a pytree of fixed shapes)
+  cache_bytes(batch, context_len, dtype) -> int
+  flops_per_token(seq_len) -> float            (forward matmul FLOPs, MaxText-style)
+
+`positions` restart at 0 at each document start and are -1 on padding; a
+cache continues the sequence, so prefill + single steps equals one call.
+Each family's config is a frozen dataclass built from `config.model` of the
+experiment config; unknown or inconsistent fields fail here, before any compile.
+"""
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers.documents import Cursor
+
+
+class ConfigError(ValueError):
+  """A model config field is wrong; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Base of the per-family config dataclasses (fields are `config.model.<name>`)."""
+
+  @classmethod
+  def from_mapping(cls, fields: Mapping[str, Any]) -> 'ModelConfig':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known - {'name'})
+    if unknown:
+      raise ConfigError(f'config.model has unknown fields {unknown} for {cls.__name__}; known: {sorted(known)}')
+    return cls(**{k: v for k, v in fields.items() if k in known})
+
+  def check(self, condition: bool, field: str, message: str) -> None:
+    if not condition:
+      raise ConfigError(f'config.model.{field}={getattr(self, field)!r}: {message}')
+
+  def check_dtype(self, field: str) -> None:
+    try:
+      jnp.dtype(getattr(self, field))
+    except TypeError:
+      self.check(False, field, 'not a dtype name')
+
+
+@flax.struct.dataclass
+class ModelCache:
+  """Decode cache: where the row is (cursor) and each layer's state."""
+  cursor: Cursor
+  layers: Any
+
+
+def stack_layer_caches(cache: Any, num_layers: int) -> Any:
+  """One layer's cache -> the stacked cache of `num_layers` scanned layers."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_layers, *a.shape)), cache)
+
+
+def mean_visible_keys(seq_len: int, window: int) -> float:
+  """Average number of keys a causal query sees in a row of seq_len (window 0 = global)."""
+  seen = np.minimum(np.arange(1, seq_len + 1), window if window else seq_len)
+  return float(seen.mean())
+
+
+class SequenceModel(nnx.Module):
+  """Base class: families implement __call__, init_cache and flops_per_token."""
+
+  Config: ClassVar[type[ModelConfig]]
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
+    raise NotImplementedError
+
+  def flops_per_token(self, seq_len: int) -> float:
+    raise NotImplementedError
+
+  def cache_bytes(self, batch: int, context_len: int, dtype: jnp.dtype = jnp.bfloat16) -> int:
+    """Exact size of the decode cache for `context_len` tokens (no allocation)."""
+    shapes = jax.eval_shape(lambda: self.init_cache(batch, context_len, dtype))
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes)))

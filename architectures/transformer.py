@@ -1,0 +1,159 @@
+"""Decoder-only Transformer baseline, with global or sliding-window attention.
+
+Pre-norm blocks (Llama / Mistral shape):
+    h = x + Attention(RMSNorm(x));  out = h + GatedMLP(RMSNorm(h))
+then a final RMSNorm and the logits (tied to the embedding or a separate head).
+`window > 0` makes every layer sliding-window attention over W keys, with a
+ring-buffer decode cache of W slots (REFERENCES.md §1).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from architectures import registry
+from architectures.base import ModelCache, ModelConfig, SequenceModel, mean_visible_keys, stack_layer_caches
+from layers import attention_ops, sharding, stack
+from layers.attention import Attention
+from layers.documents import Cursor, locate
+from layers.embedding import Embed
+from layers.kv_cache import KVCache
+from layers.linear import Dense
+from layers.mlp import ACTIVATIONS, GatedMLP
+from layers.norms import RMSNorm
+from layers.rope import STYLES, rotary_dims
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig(ModelConfig):
+  vocab_size: int = 384
+  num_layers: int = 2
+  dim: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 0        # 0: = num_heads (MHA); 1: MQA; else GQA
+  head_dim: int = 0            # 0: = dim // num_heads
+  mlp_dim: int = 256
+  mlp_activation: str = 'silu'
+  window: int = 0              # 0: global causal attention; W > 0: sliding window of W keys
+  rope_base: float = 10000.0
+  rope_style: str = 'standard'
+  rope_fraction: float = 1.0
+  tie_embeddings: bool = False
+  logits_soft_cap: float = 0.0  # 0: none; c > 0: c * tanh(logits / c)
+  norm_eps: float = 1e-6
+  attention_impl: str = 'auto'
+  dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+  scan_layers: bool = True
+  remat: str = 'none'
+
+  def __post_init__(self):
+    for field in ('vocab_size', 'num_layers', 'dim', 'num_heads', 'mlp_dim'):
+      self.check(getattr(self, field) > 0, field, 'must be positive')
+    if not self.head_dim:
+      self.check(self.dim % self.num_heads == 0, 'num_heads',
+                 f'does not divide config.model.dim={self.dim} (or set config.model.head_dim)')
+    self.check(self.num_kv_heads >= 0, 'num_kv_heads', 'must be >= 0')
+    self.check(self.kv_heads > 0 and self.num_heads % self.kv_heads == 0, 'num_kv_heads',
+               f'must divide config.model.num_heads={self.num_heads}')
+    self.check(self.window >= 0, 'window', 'must be >= 0 (0 = global attention)')
+    self.check(self.logits_soft_cap >= 0, 'logits_soft_cap', 'must be >= 0 (0 = none)')
+    self.check(self.mlp_activation in ACTIVATIONS, 'mlp_activation', f'known: {sorted(ACTIVATIONS)}')
+    self.check(self.rope_style in STYLES, 'rope_style', f'known: {STYLES}')
+    self.check(self.attention_impl in attention_ops.IMPLEMENTATIONS, 'attention_impl',
+               f'known: {attention_ops.IMPLEMENTATIONS}')
+    self.check(self.remat in stack.REMAT_POLICIES, 'remat', f'known: {sorted(stack.REMAT_POLICIES)}')
+    self.check_dtype('dtype')
+    self.check_dtype('param_dtype')
+    try:
+      rotary_dims(self.heads_dim, self.rope_fraction)
+    except ValueError as e:
+      self.check(False, 'rope_fraction', str(e))
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def heads_dim(self) -> int:
+    return self.head_dim or self.dim // self.num_heads
+
+
+class Block(nnx.Module):
+  """One pre-norm residual block: attention then gated MLP."""
+
+  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+    dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    out_scale = 1.0 / (2 * cfg.num_layers)
+    self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
+    self.attention = Attention(
+        cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.heads_dim, window=cfg.window or None,
+        rope_base=cfg.rope_base, rope_style=cfg.rope_style, rope_fraction=cfg.rope_fraction,
+        impl=cfg.attention_impl, out_init_scale=out_scale, rngs=rngs, **dtypes)
+    self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
+    self.mlp = GatedMLP(cfg.dim, cfg.mlp_dim, activation=cfg.mlp_activation,
+                        out_init_scale=out_scale, rngs=rngs, **dtypes)
+
+  def __call__(self, x, positions, token_index, documents, cache: KVCache | None):
+    """x [B, T, D] -> [B, T, D], updated cache."""
+    attended, cache = self.attention(self.attention_norm(x), positions, token_index, documents, cache)
+    x = x + attended
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED)), cache
+
+
+@registry.register('transformer')
+class Transformer(SequenceModel):
+  Config = TransformerConfig
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    cfg = config
+    dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    embed_std = cfg.dim ** -0.5 if cfg.tie_embeddings else 1.0
+    self.embed = Embed(cfg.vocab_size, cfg.dim, init_std=embed_std, rngs=rngs, **dtypes)
+    self.layers = stack.create_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs, scan=cfg.scan_layers)
+    self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
+    self.lm_head = None if cfg.tie_embeddings else Dense(
+        cfg.dim, cfg.vocab_size, names=(sharding.EMBED, sharding.VOCAB), rngs=rngs, **dtypes)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array,
+               cache: ModelCache | None = None) -> tuple[jax.Array, ModelCache | None]:
+    cfg = self.config
+    token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
+    x = self.embed(tokens)  # [B, T, D]
+    if cfg.tie_embeddings:
+      x = x * jnp.asarray(cfg.dim ** 0.5, x.dtype)
+    x = sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
+
+    def layer_fn(block: Block, h, layer_cache):
+      return block(h, positions, token_index, documents, layer_cache)
+
+    x, layer_caches = stack.apply_layers(self.layers, x, None if cache is None else cache.layers, layer_fn,
+                                         scan=cfg.scan_layers, remat=cfg.remat)
+    x = self.final_norm(x)
+    if cfg.tie_embeddings:
+      logits = self.embed.attend(x)  # [B, T, V]
+    else:
+      logits = self.lm_head(x).astype(jnp.float32)
+    if cfg.logits_soft_cap:
+      logits = cfg.logits_soft_cap * jnp.tanh(logits / cfg.logits_soft_cap)
+    logits = sharding.constrain(logits, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_VOCAB))
+    return logits, (None if cache is None else ModelCache(cursor=cursor, layers=layer_caches))
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
+    cfg = self.config
+    window = cfg.window or None
+    slots = max_len if window is None else min(window, max_len)
+    one = KVCache.create(batch, slots, cfg.kv_heads, cfg.heads_dim, dtype)
+    layers = (stack_layer_caches(one, cfg.num_layers) if cfg.scan_layers
+              else [one] * cfg.num_layers)
+    return ModelCache(cursor=Cursor.create(batch), layers=layers)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    cfg = self.config
+    d, n, k, h, m = cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.heads_dim, cfg.mlp_dim
+    projections = 2 * d * (2 * n * h + 2 * k * h) + 2 * 3 * d * m
+    attention = 2 * 2 * n * h * mean_visible_keys(seq_len, cfg.window)
+    return cfg.num_layers * (projections + attention) + 2 * d * cfg.vocab_size

@@ -1,0 +1,56 @@
+"""Fields every experiment config shares (DESIGN.md, "Configs and binaries").
+
+A family's config file calls `base_config()` and fills `config.model`.
+"""
+from ml_collections import ConfigDict
+
+# Logical axis -> mesh axes. Parameters: FSDP over `fsdp`, Megatron-style tensor
+# parallelism over `tensor`. Activations: batch over data x fsdp.
+DEFAULT_SHARDING_RULES = (
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('layers', None),
+    ('norm', None),
+    ('act_batch', ('data', 'fsdp')),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+)
+
+
+def base_config() -> ConfigDict:
+  config = ConfigDict()
+  config.model = ConfigDict()
+  config.dataset = ConfigDict(dict(
+      name='python_stdlib',          # embedded default; 'local_text' (+ path) or a tfds catalog name
+      path='',
+      patterns=('**/*.txt', '**/*.md', '**/*.py'),
+      data_dir='',                   # '' = tfds default (~/tensorflow_datasets)
+      validation_fraction=0.05,
+      text_feature='text',
+      num_threads=2,
+      prefetch=4,
+  ))
+  config.seq_len = 256
+  config.batch_size = 16
+  config.grad_accum_steps = 1
+  config.total_steps = 1000
+  config.seed = 0
+  config.optimizer = ConfigDict(dict(
+      learning_rate=1e-3, warmup_steps=100, end_lr_fraction=0.1,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0))
+  config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.sharding_rules = DEFAULT_SHARDING_RULES
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  config.log_every = 50
+  config.eval_every = 500
+  config.eval_batches = 16
+  config.profile_steps = ()
+  return config

@@ -1,0 +1,38 @@
+"""Transformer baseline (global causal attention).
+
+  --config=experiments/configs/transformer.py:tiny   CPU, trains in about a minute
+  --config=experiments/configs/transformer.py:150m   D=1024, 12 layers, 16 heads (153M parameters)
+"""
+from ml_collections import ConfigDict
+
+from experiments.configs.common import base_config
+
+SIZES = {
+    'tiny': dict(num_layers=2, dim=128, num_heads=4, num_kv_heads=2, mlp_dim=384),
+    '150m': dict(num_layers=12, dim=1024, num_heads=16, num_kv_heads=16, mlp_dim=2816),
+}
+
+
+def model_fields(size: str) -> dict:
+  if size not in SIZES:
+    raise ValueError(f'unknown size {size!r}; known: {sorted(SIZES)}')
+  return dict(name='transformer', vocab_size=384, window=0, **SIZES[size])
+
+
+def training_fields(config: ConfigDict, size: str) -> None:
+  """Run length and batch for a size: tiny runs on a CPU, the rest on accelerators."""
+  if size == 'tiny':
+    config.update(seq_len=128, batch_size=16, total_steps=200, log_every=20, eval_every=100,
+                  checkpoint_every=100, eval_batches=8)
+    config.optimizer.update(learning_rate=3e-3, warmup_steps=20)
+  else:
+    config.update(seq_len=2048, batch_size=32, total_steps=20_000, log_every=100, eval_every=1000,
+                  checkpoint_every=1000)
+    config.optimizer.update(learning_rate=6e-4, warmup_steps=1000)
+
+
+def get_config(size: str = 'tiny') -> ConfigDict:
+  config = base_config()
+  config.model = ConfigDict(model_fields(size))
+  training_fields(config, size)
+  return config

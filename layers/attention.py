@@ -1,0 +1,67 @@
+"""Multi-head causal self-attention block mixer (MHA / GQA / MQA), optional window.
+
+q = x W_q, k = x W_k, v = x W_v, rotated by RoPE at the token positions, then
+attention_ops (causal, document and window masks), then y = o W_o. With a
+cache the new keys are attended together with the cached ones and then
+written into the cache (full KV, or a ring buffer of W slots for a window).
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers import attention_ops, sharding
+from layers.kv_cache import KVCache
+from layers.linear import Dense
+from layers.rope import apply_rope
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               window: int | None = None, rope_base: float = 10000.0, rope_style: str = 'standard',
+               rope_fraction: float = 1.0, impl: str = 'xla', out_init_scale: float = 1.0,
+               dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    if num_heads % num_kv_heads:
+      raise ValueError(f'num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}')
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.window = window
+    self.rope = dict(base=rope_base, style=rope_style, fraction=rope_fraction)
+    self.impl = impl
+    self.dtype = dtype
+    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.query = Dense(dim, (num_heads, head_dim), names=(sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM), **common)
+    kv_names = (sharding.EMBED, sharding.KV_HEADS, sharding.HEAD_DIM)
+    self.key = Dense(dim, (num_kv_heads, head_dim), names=kv_names, **common)
+    self.value = Dense(dim, (num_kv_heads, head_dim), names=kv_names, **common)
+    self.out = Dense((num_heads, head_dim), dim, names=(sharding.HEADS, sharding.HEAD_DIM, sharding.EMBED),
+                     init_scale=out_init_scale, **common)
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+    slots = max_len if self.window is None else min(self.window, max_len)
+    return KVCache.create(batch, slots, self.num_kv_heads, self.head_dim, dtype)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, token_index: jax.Array,
+               documents: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D]; positions, token_index, documents [B, T] -> y [B, T, D], updated cache."""
+    heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
+    q = sharding.constrain(apply_rope(self.query(x), positions, **self.rope), heads)  # [B, T, N, H]
+    k = sharding.constrain(apply_rope(self.key(x), positions, **self.rope), heads)    # [B, T, K, H]
+    v = sharding.constrain(self.value(x), heads)                                      # [B, T, K, H]
+    scale = self.head_dim ** -0.5
+    if cache is None:
+      impl = attention_ops.resolve_impl(self.impl, self.dtype, self.head_dim)
+      if impl == 'cudnn':
+        o = attention_ops.cudnn_self_attention(q, k, v, documents, self.window, scale)
+      else:
+        mask = attention_ops.visibility_mask(token_index, documents, token_index, documents, self.window)
+        o = attention_ops.xla_attention(q, k, v, mask, scale)
+    else:
+      all_k = jnp.concatenate([cache.keys.astype(k.dtype), k], axis=1)      # [B, S + T, K, H]
+      all_v = jnp.concatenate([cache.values.astype(v.dtype), v], axis=1)
+      k_index = jnp.concatenate([cache.slot_index, token_index], axis=1)    # [B, S + T]
+      k_document = jnp.concatenate([cache.slot_document, documents], axis=1)
+      mask = attention_ops.visibility_mask(token_index, documents, k_index, k_document, self.window)
+      o = attention_ops.xla_attention(q, all_k, all_v, mask, scale)
+      cache = cache.write(k, v, token_index, documents)
+    return self.out(sharding.constrain(o, heads)), cache

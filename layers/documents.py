@@ -1,0 +1,36 @@
+"""Where each token sits: its index in the row and the document it belongs to.
+
+Packed rows hold several documents; `positions` restart at 0 at every document
+start and are -1 on padding. Every mixer derives its resets from here: a token
+may only see tokens of its own document (same id), and padding (id -1) is seen
+by nobody. A `Cursor` carries the running index and document id from one call
+to the next, so a cached continuation numbers tokens as one long call would.
+"""
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+PAD_DOCUMENT = -1
+
+
+@flax.struct.dataclass
+class Cursor:
+  next_index: jax.Array  # [B] int32: index in the row of the next token
+  document: jax.Array    # [B] int32: document id of the last token seen
+
+  @classmethod
+  def create(cls, batch: int) -> 'Cursor':
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return cls(next_index=zeros, document=zeros)
+
+
+def locate(positions: jax.Array, cursor: Cursor | None = None) -> tuple[jax.Array, jax.Array, Cursor]:
+  """positions [B, T] -> token index [B, T], document ids [B, T], advanced cursor."""
+  batch, length = positions.shape
+  if cursor is None:
+    cursor = Cursor.create(batch)
+  token_index = cursor.next_index[:, None] + jnp.arange(length, dtype=jnp.int32)  # [B, T]
+  running = cursor.document[:, None] + jnp.cumsum(positions == 0, axis=1, dtype=jnp.int32)  # [B, T]
+  documents = jnp.where(positions < 0, PAD_DOCUMENT, running)
+  advanced = Cursor(next_index=cursor.next_index + length, document=running[:, -1])
+  return token_index, documents, advanced

@@ -1,0 +1,66 @@
+"""A stack of identical layers, looped in Python or scanned, with optional remat.
+
+`scan=True` creates the layers with a leading `layers` axis (nnx.vmap) and runs
+them with one `jax.lax.scan`, so compile time does not grow with depth; the
+per-layer decode caches are stacked the same way. `remat` names a
+`jax.checkpoint` policy that decides what the backward pass recomputes.
+"""
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from layers import sharding
+
+REMAT_POLICIES: dict[str, Any] = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+LayerFn = Callable[[nnx.Module, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def create_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                  rngs: nnx.Rngs, *, scan: bool) -> nnx.Module:
+  """Builds `num_layers` layers: stacked on a leading axis if `scan`, else a list."""
+  if not scan:
+    return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: sharding.LAYERS})
+  def make_stacked(layer_rngs: nnx.Rngs) -> nnx.Module:
+    return make_layer(layer_rngs)
+
+  return make_stacked(rngs)
+
+
+def apply_layers(layers: nnx.Module, x: jax.Array, caches: Any, layer_fn: LayerFn, *,
+                 scan: bool, remat: str) -> tuple[jax.Array, Any]:
+  """Runs x through every layer; `caches` is per layer (stacked when `scan`) or None."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)}')
+
+  def one_layer(graphdef, state, h, cache):
+    return layer_fn(nnx.merge(graphdef, state), h, cache)
+
+  if remat != 'none':
+    one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[remat], static_argnums=(0,))
+
+  if scan:
+    graphdef, state = nnx.split(layers)
+
+    def body(h, layer_inputs):
+      layer_state, cache = layer_inputs
+      return one_layer(graphdef, layer_state, h, cache)
+
+    return jax.lax.scan(body, x, (state, caches))
+
+  new_caches = []
+  for i, layer in enumerate(layers):
+    graphdef, state = nnx.split(layer)
+    x, cache = one_layer(graphdef, state, x, None if caches is None else caches[i])
+    new_caches.append(cache)
+  return x, (None if caches is None else new_caches)

@@ -1,0 +1,42 @@
+"""Small builders shared by the tests: tiny models and packed rows with several documents."""
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import architectures
+
+
+def tiny_model(**fields) -> architectures.base.SequenceModel:
+  """A float32 Transformer small enough for CPU tests; `fields` override config.model."""
+  model_fields = dict(name='transformer', vocab_size=64, num_layers=2, dim=32, num_heads=4, num_kv_heads=2,
+                      mlp_dim=64, dtype='float32', attention_impl='xla')
+  model_fields.update(fields)
+  return architectures.create_model(model_fields, nnx.Rngs(0))
+
+
+def packed_positions(lengths_per_row: list[list[int]], pad_to: int | None = None) -> jnp.ndarray:
+  """Positions of rows packing documents of the given lengths (0 at each start), padded with -1."""
+  rows = [np.concatenate([np.arange(n) for n in lengths]) for lengths in lengths_per_row]
+  width = pad_to or max(len(r) for r in rows)
+  return jnp.asarray(np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows]), jnp.int32)
+
+
+def random_tokens(shape: tuple[int, ...], vocab: int, seed: int = 0) -> jnp.ndarray:
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, size=shape), jnp.int32)
+
+
+def tiny_experiment(data_dir: str, **overrides) -> 'ml_collections.ConfigDict':
+  """The tiny Transformer experiment shrunk further for tests; data from the embedded corpus in data_dir."""
+  from experiments.configs import transformer
+  config = transformer.get_config('tiny')
+  config.model.update(num_layers=2, dim=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  config.update(seq_len=32, batch_size=8, total_steps=20, log_every=5, eval_every=10, checkpoint_every=10,
+                eval_batches=2)
+  config.dataset.data_dir = str(data_dir)
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config

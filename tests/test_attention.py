@@ -1,0 +1,80 @@
+"""Attention: sliding window == full attention with a banded mask; documents and
+padding are never crossed; implementation switch errors are clear."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers import attention_ops
+from layers.attention import Attention
+from layers.documents import locate
+from layers.rope import apply_rope
+from tests.helpers import packed_positions
+
+DIM, HEADS, KV_HEADS, HEAD_DIM = 16, 4, 2, 8
+LENGTHS = [[5, 9, 4], [18]]  # two rows of 18 tokens: three documents, then one
+
+
+def reference_attention(module: Attention, x, positions, window):
+  """Loop over queries; each softmaxes over the keys a banded, per-document mask allows."""
+  q = np.asarray(apply_rope(module.query(x), positions, **module.rope))
+  k = np.asarray(apply_rope(module.key(x), positions, **module.rope))
+  v = np.asarray(module.value(x))
+  _, documents, _ = locate(positions)
+  documents = np.asarray(documents)
+  batch, length = positions.shape
+  group = HEADS // KV_HEADS
+  out = np.zeros_like(q)
+  for b in range(batch):
+    for i in range(length):
+      keys = [j for j in range(length)
+              if documents[b, j] == documents[b, i] and documents[b, j] >= 0 and 0 <= i - j < (window or length + 1)]
+      for h in range(HEADS):
+        scores = np.array([q[b, i, h] @ k[b, j, h // group] for j in keys]) / np.sqrt(HEAD_DIM)
+        weights = np.exp(scores - scores.max())
+        out[b, i, h] = (weights / weights.sum()) @ v[b, keys, h // group]
+  return np.asarray(module.out(jnp.asarray(out)))
+
+
+@pytest.mark.parametrize('window', [0, 1, 3, 8, 18, 40])  # global, below T, equal to T, above T
+def test_window_equals_banded_reference_across_documents(window):
+  module = Attention(DIM, HEADS, KV_HEADS, HEAD_DIM, window=window or None, rngs=nnx.Rngs(0))
+  positions = packed_positions(LENGTHS)
+  x = jax.random.normal(jax.random.key(1), (2, 18, DIM))
+  token_index, documents, _ = locate(positions)
+  y, _ = module(x, positions, token_index, documents)
+  np.testing.assert_allclose(y, reference_attention(module, x, positions, window), atol=2e-5)
+
+
+def test_sliding_window_is_full_attention_with_a_band_mask():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 18, HEADS if n == 0 else KV_HEADS, HEAD_DIM)), jnp.float32)
+             for n in range(3))
+  index, documents, _ = locate(packed_positions(LENGTHS))
+  i, j = np.arange(18)[:, None], np.arange(18)[None, :]
+  band = jnp.asarray((i - j < 4))[None]
+  windowed = attention_ops.xla_attention(q, k, v, attention_ops.visibility_mask(index, documents, index, documents, 4), 0.3)
+  banded = attention_ops.xla_attention(q, k, v, attention_ops.visibility_mask(index, documents, index, documents, None) & band, 0.3)
+  np.testing.assert_allclose(windowed, banded, atol=1e-6)
+
+
+def test_padding_and_later_documents_do_not_change_earlier_tokens():
+  module = Attention(DIM, HEADS, KV_HEADS, HEAD_DIM, window=6, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (1, 12, DIM))
+  alone = packed_positions([[7]], pad_to=12)   # one document, then padding
+  packed = packed_positions([[7, 5]])          # the same document, then another one
+  outs = []
+  for positions in (alone, packed):
+    token_index, documents, _ = locate(positions)
+    outs.append(module(x, positions, token_index, documents)[0])
+  np.testing.assert_allclose(outs[0][:, :7], outs[1][:, :7], atol=1e-6)
+  assert np.all(np.isfinite(outs[0]))  # padded queries see nothing but stay finite
+
+
+def test_impl_switch():
+  assert attention_ops.resolve_impl('auto', jnp.bfloat16, 64) == ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
+  with pytest.raises(ValueError, match='cuDNN attention needs bf16'):
+    attention_ops.resolve_impl('cudnn', jnp.float32, 64)
+  with pytest.raises(ValueError, match='unknown attention impl'):
+    attention_ops.resolve_impl('flash', jnp.bfloat16, 64)

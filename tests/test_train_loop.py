@@ -1,0 +1,106 @@
+"""The training loop end to end on the embedded corpus: loss falls, a stopped
+run resumes bitwise (same data, same parameters), gradient accumulation equals
+one big batch, evaluation writes loss and bits per byte, the binaries run."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from trainers import steps
+from trainers.checkpoints import Checkpointer
+from trainers.evaluator import evaluate_checkpoint
+from trainers.experiment import Experiment
+from trainers.train_loop import train
+from tests.helpers import packed_positions, random_tokens, tiny_experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_params(config, workdir):
+  exp = Experiment.build(config)
+  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=10)
+  with exp.activate():
+    state, data_state = checkpointer.restore(checkpointer.latest_step(), exp.restore_target())
+  checkpointer.close()
+  return jax.device_get(state.params), data_state
+
+
+@pytest.fixture(scope='module')
+def straight_run(data_dir, tmp_path_factory):
+  config = tiny_experiment(data_dir, total_steps=30)
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  train(config, workdir)
+  return config, workdir
+
+
+def test_loss_falls_and_metrics_are_logged(straight_run):
+  _, workdir = straight_run
+  records = read_metrics(workdir)
+  assert [r['step'] for r in records] == [5, 10, 15, 20, 25, 30]
+  assert {'loss', 'learning_rate', 'tokens_per_s', 'grad_norm', 'eval_loss', 'eval_bits_per_byte'} <= set(records[1])
+  assert records[-1]['loss'] < records[0]['loss'] - 0.5
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '30'))
+
+
+def test_stopped_run_resumes_bitwise(straight_run, tmp_path):
+  config, straight_dir = straight_run
+  workdir = str(tmp_path)
+  train(config, workdir, stop_at=17)  # stops off the checkpoint interval, with a checkpoint
+  assert max(r['step'] for r in read_metrics(workdir)) == 15
+  train(config, workdir)
+  strip = lambda records: [{k: v for k, v in r.items() if k not in ('tokens_per_s', 'eta_s')} for r in records]
+  assert strip(read_metrics(workdir)) == strip(read_metrics(straight_dir))
+  resumed, resumed_data = final_params(config, workdir)
+  straight, straight_data = final_params(config, straight_dir)
+  assert resumed_data == straight_data
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_accumulation_equals_one_batch(data_dir):
+  batch = dict(tokens=np.asarray(random_tokens((8, 33), 257)),
+               positions=np.asarray(packed_positions([[33], [10, 23], [33], [5, 28]] * 2)))
+  results = []
+  for micro_batches in (1, 4):
+    config = tiny_experiment(data_dir, **{'model.dtype': 'float32', 'grad_accum_steps': micro_batches})
+    exp = Experiment.build(config, jax.devices()[:2])  # micro-batches of 2 rows, one per device
+    with exp.activate():
+      step = jax.jit(steps.make_train_step(exp.graphdef, exp.tx, exp.schedule, micro_batches))
+      results.append(step(exp.new_state(), exp.device_batch(batch)))
+  (one, one_metrics), (accumulated, accumulated_metrics) = results
+  assert float(accumulated_metrics['loss']) == pytest.approx(float(one_metrics['loss']), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(accumulated.params)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_evaluate_checkpoint_reports_bits_per_byte(straight_run):
+  config, workdir = straight_run
+  results = evaluate_checkpoint(config, workdir, num_batches=2)
+  assert results['step'] == 30
+  assert results['perplexity'] == pytest.approx(math.exp(results['loss']))
+  # Byte targets are all targets but the document ends, so bits/byte is at least loss / ln 2.
+  assert results['loss'] / math.log(2) <= results['bits_per_byte'] < 1.1 * results['loss'] / math.log(2)
+  assert 3.0 < results['unigram_entropy_bits'] < 8.0
+
+
+def test_train_and_evaluate_binaries(data_dir, tmp_path):
+  flags = ['--config=experiments/configs/sliding.py:tiny', f'--workdir={tmp_path}', '--config.total_steps=4',
+           '--config.log_every=2', '--config.eval_batches=1', '--config.model.dim=32', '--config.model.mlp_dim=64',
+           '--config.seq_len=64', '--config.batch_size=8', f'--config.dataset.data_dir={data_dir}']
+  for binary in ('experiments.train', 'experiments.evaluate'):
+    extra = ['--num_batches=1'] if binary == 'experiments.evaluate' else []
+    subprocess.run([sys.executable, '-m', binary, *flags, *extra], cwd=REPO, check=True, timeout=300,
+                   env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert [r['step'] for r in read_metrics(tmp_path)] == [2, 4]
+  with open(tmp_path / 'eval.json') as f:
+    assert {'loss', 'bits_per_byte', 'perplexity', 'step'} <= set(json.load(f))

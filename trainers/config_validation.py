@@ -1,0 +1,59 @@
+"""Checks an experiment config before anything is compiled.
+
+Every error names the config field at fault (e.g. `config.model.num_heads`,
+`config.mesh`, `config.batch_size`), so a wrong config costs seconds, not a
+compile.
+"""
+import jax
+from ml_collections import ConfigDict
+
+import architectures
+from layers import sharding
+from trainers import partitioning
+from trainers.tokenizer import ByteTokenizer
+
+REQUIRED_FIELDS = ('model', 'dataset', 'seq_len', 'batch_size', 'total_steps', 'seed', 'optimizer',
+                   'mesh', 'sharding_rules', 'checkpoint_every', 'log_every', 'eval_every')
+
+
+def _positive(config: ConfigDict, field: str) -> None:
+  if config[field] <= 0:
+    raise ValueError(f'config.{field}={config[field]!r}: must be positive')
+
+
+def validate(config: ConfigDict, num_devices: int | None = None) -> architectures.base.ModelConfig:
+  """Raises ValueError naming the field; returns the family's model config."""
+  missing = [f for f in REQUIRED_FIELDS if f not in config]
+  if missing:
+    raise ValueError(f'config is missing fields {missing}')
+  model_config = architectures.model_config(config.model.to_dict())
+  if model_config.vocab_size < ByteTokenizer.vocab_size:
+    raise ValueError(f'config.model.vocab_size={model_config.vocab_size}: the byte tokenizer needs at least '
+                     f'{ByteTokenizer.vocab_size}')
+  for field in ('seq_len', 'batch_size', 'total_steps', 'checkpoint_every', 'log_every', 'eval_every'):
+    _positive(config, field)
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  shape = partitioning.mesh_shape(config.mesh, num_devices)
+
+  rules = partitioning.rules_table(config.sharding_rules)
+  ruled = dict(rules)
+  if missing := [a for a in sharding.PARAM_AXES + sharding.ACTIVATION_AXES if a not in ruled]:
+    raise ValueError(f'config.sharding_rules has no rule for logical axes {missing}')
+  for name, axes in rules:
+    for axis in (() if axes is None else (axes,) if isinstance(axes, str) else axes):
+      if axis not in shape:
+        raise ValueError(f'config.sharding_rules maps {name!r} to mesh axis {axis!r}, '
+                         f'which config.mesh does not have ({sorted(shape)})')
+
+  batch_axes = ruled[sharding.ACT_BATCH]
+  batch_axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  split = 1
+  for axis in batch_axes:
+    split *= shape[axis]
+  micro = config.get('grad_accum_steps', 1)
+  if micro <= 0 or config.batch_size % micro:
+    raise ValueError(f'config.grad_accum_steps={micro} must be positive and divide config.batch_size={config.batch_size}')
+  if (config.batch_size // micro) % split:
+    raise ValueError(f'config.batch_size={config.batch_size} (per micro-batch {config.batch_size // micro}) is not '
+                     f'divisible by the {split} devices of the batch mesh axes {batch_axes}')
+  return model_config

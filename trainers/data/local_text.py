@@ -1,0 +1,268 @@
+"""tfds builders for text corpora read from local files: one example = one file.
+
+* `PythonStdlib` (`config.dataset.name='python_stdlib'`, the embedded default):
+  the `.py` files of the running Python's standard library, without
+  `site-packages`, `test`/`tests` folders and `idlelib`. Needs no network.
+* `LocalText` (`config.dataset.name='local_text'`): every file under
+  `config.dataset.path` matching `config.dataset.patterns`.
+
+Both write array_record files (no TensorFlow needed) with the features
+`{'text': Text, 'path': Text}` (file bytes as stored, relative POSIX path) and
+the splits `train` / `validation`, chosen by a stable hash of the relative
+path. Examples are stored in sorted path order (`disable_shuffling`).
+
+The builder config name identifies the files it was built from: Python
+major.minor for the stdlib, a hash of the resolved directory and patterns for
+a local directory, plus the validation fraction. A build is a snapshot: after
+editing the files, delete `<data_dir>/local_text/<config name>` to rebuild.
+
+`prepare(builder)` builds on first use, under a file lock so that concurrent
+processes build once; tfds itself writes into a temporary folder that is
+renamed at the end, so an interrupted build never looks complete.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import pathlib
+import sys
+import sysconfig
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+DEFAULT_PATTERNS = ('**/*.txt', '**/*.md', '**/*.py')
+DEFAULT_VALIDATION_FRACTION = 0.05
+STDLIB_PATTERNS = ('**/*.py',)
+STDLIB_EXCLUDED_DIRS = ('site-packages', 'test', 'tests', 'idlelib')
+
+
+@dataclasses.dataclass(eq=False)
+class LocalTextConfig(tfds.core.BuilderConfig):
+  """Which files make the corpus and how they are split."""
+
+  root: str = ''
+  patterns: tuple[str, ...] = DEFAULT_PATTERNS
+  exclude_dirs: tuple[str, ...] = ()
+  validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+
+
+def list_files(root: str | os.PathLike, patterns, exclude_dirs=()) -> list[str]:
+  """Relative POSIX paths of the non-empty regular files under `root` matching a pattern.
+
+  Paths with a hidden component (`.git/`, `.venv/`, `.x.txt`) or a folder named
+  in `exclude_dirs` are skipped. Sorted, without duplicates.
+  """
+  root = pathlib.Path(root)
+  found = set()
+  for pattern in patterns:
+    for path in root.glob(pattern):
+      rel = path.relative_to(root)
+      parts = rel.parts
+      if any(p.startswith('.') for p in parts):
+        continue
+      if any(p in exclude_dirs for p in parts[:-1]):
+        continue
+      if path.is_file() and path.stat().st_size > 0:
+        found.add(rel.as_posix())
+  return sorted(found)
+
+
+def _unit_hash(relpath: str) -> float:
+  """A stable value in [0, 1) from the path (independent of PYTHONHASHSEED)."""
+  digest = hashlib.sha256(relpath.encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0**64
+
+
+def assign_splits(relpaths, validation_fraction: float) -> dict[str, list[str]]:
+  """Splits paths into train / validation by a stable hash of each path.
+
+  With two or more paths both splits are non-empty: if the hash gives no
+  validation path the lowest-hash path moves to validation (and if it gives
+  no train path, the highest-hash one moves to train).
+  """
+  relpaths = sorted(relpaths)
+  h = {p: _unit_hash(p) for p in relpaths}
+  val = {p for p in relpaths if h[p] < validation_fraction}
+  if len(relpaths) >= 2:
+    if not val:
+      val = {min(relpaths, key=h.get)}
+    if len(val) == len(relpaths):
+      val.discard(max(relpaths, key=h.get))
+  return {
+      'train': [p for p in relpaths if p not in val],
+      'validation': [p for p in relpaths if p in val],
+  }
+
+
+def _fraction_tag(validation_fraction: float) -> str:
+  # Basis points: 0.05 -> 'val0500'.
+  return f'val{round(validation_fraction * 10000):04d}'
+
+
+def _check_fraction(validation_fraction: float) -> float:
+  validation_fraction = float(validation_fraction)
+  if not 0.0 < validation_fraction < 1.0:
+    raise ValueError(
+        'config.dataset.validation_fraction must be in (0, 1), got '
+        f'{validation_fraction}.')
+  return validation_fraction
+
+
+def stdlib_config(validation_fraction=DEFAULT_VALIDATION_FRACTION) -> LocalTextConfig:
+  """The config of the running Python's standard library corpus."""
+  validation_fraction = _check_fraction(validation_fraction)
+  major, minor = sys.version_info[:2]
+  return LocalTextConfig(
+      name=f'py{major}_{minor}_{_fraction_tag(validation_fraction)}',
+      description=f'.py files of the Python {major}.{minor} standard library.',
+      root=sysconfig.get_paths()['stdlib'],
+      patterns=STDLIB_PATTERNS,
+      exclude_dirs=STDLIB_EXCLUDED_DIRS,
+      validation_fraction=validation_fraction,
+  )
+
+
+def directory_config(path, patterns=DEFAULT_PATTERNS,
+                     validation_fraction=DEFAULT_VALIDATION_FRACTION) -> LocalTextConfig:
+  """The config of a local directory; its name hashes the resolved path and patterns."""
+  validation_fraction = _check_fraction(validation_fraction)
+  if not path:
+    raise ValueError("config.dataset.path must name a directory for dataset 'local_text'.")
+  if isinstance(patterns, str):
+    patterns = (patterns,)
+  patterns = tuple(patterns)
+  if not patterns:
+    raise ValueError('config.dataset.patterns must hold at least one glob pattern.')
+  root = pathlib.Path(path).expanduser().resolve()
+  key = '\n'.join([str(root), *patterns]).encode('utf-8')
+  digest = hashlib.sha256(key).hexdigest()[:12]
+  return LocalTextConfig(
+      name=f'dir_{digest}_{_fraction_tag(validation_fraction)}',
+      description=f'Files {list(patterns)} under {root}.',
+      root=str(root),
+      patterns=patterns,
+      validation_fraction=validation_fraction,
+  )
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Text files of a local directory, one example per file."""
+
+  name = 'local_text'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First version.'}
+
+  # tfds finds a builder's file through `importlib_resources`, which is not
+  # installed with tensorflow-datasets; this file is the answer anyway.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=self.builder_config.description,
+        features=tfds.features.FeaturesDict({
+            'text': tfds.features.Text(),
+            'path': tfds.features.Text(),
+        }),
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Everything is local.
+    cfg = self.builder_config
+    files = _checked_files(cfg)
+    splits = assign_splits(files, cfg.validation_fraction)
+    return {name: self._generate_examples(paths) for name, paths in splits.items()}
+
+  def _generate_examples(self, relpaths):
+    root = pathlib.Path(self.builder_config.root)
+    for rel in relpaths:
+      # Raw bytes: the stored text is exactly the file, whatever its encoding.
+      yield rel, {'text': (root / rel).read_bytes(), 'path': rel}
+
+
+class PythonStdlib(LocalText, skip_registration=True):
+  """The `.py` files of the running Python's standard library."""
+
+  name = 'python_stdlib'
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path):
+  """An exclusive inter-process lock (fcntl); no lock where fcntl is missing."""
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Windows: no inter-process lock.
+    yield
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'a+') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _DropCustomConfigWarning(logging.Filter):
+  """tfds warns "Using custom data configuration" for every config built at run time."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith('Using custom data configuration')
+
+
+def builder_for(name: str, *, data_dir: str = '', path: str = '',
+                patterns=DEFAULT_PATTERNS,
+                validation_fraction=DEFAULT_VALIDATION_FRACTION) -> LocalText:
+  """The (not necessarily prepared) builder for 'python_stdlib' or 'local_text'."""
+  if name == 'python_stdlib':
+    cls, config = PythonStdlib, stdlib_config(validation_fraction)
+  elif name == 'local_text':
+    cls, config = LocalText, directory_config(path, patterns, validation_fraction)
+  else:
+    raise ValueError(f'{name!r} is not a local corpus (python_stdlib, local_text).')
+  return _construct(cls, config, data_dir)
+
+
+def _construct(cls, config: LocalTextConfig, data_dir) -> LocalText:
+  quiet = _DropCustomConfigWarning()
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(quiet)
+  try:
+    return cls(config=config, data_dir=data_dir or None, file_format='array_record')
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+def _checked_files(config: LocalTextConfig) -> list[str]:
+  """The files of `config`; fails, naming the config fields, when there are fewer than 2."""
+  if not pathlib.Path(config.root).is_dir():
+    raise ValueError(f'config.dataset.path={config.root!r} is not a directory.')
+  files = list_files(config.root, config.patterns, config.exclude_dirs)
+  if len(files) < 2:
+    raise ValueError(
+        f'config.dataset.path={config.root!r} has {len(files)} non-empty files '
+        f'matching config.dataset.patterns={list(config.patterns)}; the corpus '
+        'needs at least 2 (train and validation are split by file).')
+  return files
+
+
+def prepare(builder: LocalText) -> LocalText:
+  """Builds the dataset if needed (once across processes) and returns a builder that reads it."""
+  if builder.is_prepared():
+    return builder
+  _checked_files(builder.builder_config)  # Fail before taking the lock.
+  lock = pathlib.Path(builder.data_path).parent.parent / f'.{builder.builder_config.name}.lock'
+  with _file_lock(lock):
+    # Another process may have finished while we waited: look again with a
+    # fresh builder, which reads the dataset info from disk.
+    builder = _construct(type(builder), builder.builder_config, os.fspath(builder.data_dir_root))
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder

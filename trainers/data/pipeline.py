@@ -1,0 +1,174 @@
+"""The data interface of the trainer: training iterator, eval batches, unigram entropy.
+
+Batches are `{'tokens': int32[B_local, L+1], 'positions': int32[B_local, L+1]}`
+(inputs `tokens[:, :-1]`, targets `tokens[:, 1:]`; positions restart at 0 at
+each document start, -1 marks padding).
+
+Training: global batch k is rows `[k*B, (k+1)*B)` of `PackedRows(train split,
+seed=config.seed)`; process p of P takes rows `[k*B + p*B/P, k*B + (p+1)*B/P)`.
+Rows are read by grain with `config.dataset.num_threads` threads, keeping
+`config.dataset.prefetch` batches ready. The iterator's state is the index of
+the next global row (plus what identifies the stream), a small JSON dict; a
+restored iterator continues exactly there, also with a different process
+count.
+"""
+import math
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from trainers.data import packing
+from trainers.data import sources
+from trainers.data import stats as stats_lib
+
+_ENDLESS = 1 << 62  # Rows per process: a grain range that never runs out.
+_STATE_VERSION = 1
+
+
+def _dataset_field(config, field, default):
+  return config.dataset.get(field, default)
+
+
+def _check_batching(config, process_index: int, process_count: int) -> int:
+  if config.seq_len < 1:
+    raise ValueError(f'config.seq_len must be >= 1, got {config.seq_len}.')
+  if config.batch_size < 1:
+    raise ValueError(f'config.batch_size must be >= 1, got {config.batch_size}.')
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count}).')
+  if config.batch_size % process_count:
+    raise ValueError(
+        f'config.batch_size={config.batch_size} is not divisible by the '
+        f'process count {process_count}.')
+  return config.batch_size // process_count
+
+
+class DataIterator:
+  """Training batches of one process; `get_state()` / `set_state()` for checkpoints."""
+
+  def __init__(self, rows: packing.PackedRows, *, batch_size: int, process_index: int,
+               process_count: int, num_threads: int, prefetch: int, identity: str):
+    self._rows = rows
+    self._batch_size = batch_size
+    self._local_batch = batch_size // process_count
+    self._process_index = process_index
+    self._read_options = grain.ReadOptions(
+        num_threads=num_threads, prefetch_buffer_size=max(1, prefetch) * self._local_batch)
+    self._identity = identity
+    self._iterator = None
+    self._start(0)
+
+  def _start(self, next_row: int) -> None:
+    batch, local, first = self._batch_size, self._local_batch, self._process_index * self._local_batch
+    rows = self._rows
+
+    def read_row(j):  # j-th row of this process since `next_row`.
+      k, m = divmod(j, local)
+      return rows[next_row + k * batch + first + m]
+
+    self.close()
+    dataset = (grain.MapDataset.range(_ENDLESS)
+               .map(read_row)
+               .to_iter_dataset(self._read_options)
+               .batch(local, drop_remainder=True))
+    self._iterator = iter(dataset)
+    self._first_row = next_row
+    self._batches_read = 0
+
+  def close(self) -> None:
+    """Stops the reader threads; a later `next()` restarts them where this left off."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:  # Closed: restart at the next row.
+      self._start(self.get_state()['next_row'])
+    batch = next(self._iterator)
+    self._batches_read += 1
+    return batch
+
+  def get_state(self) -> dict:
+    next_row = self._first_row + self._batches_read * self._batch_size
+    return {
+        'version': _STATE_VERSION,
+        'next_row': next_row,
+        'epoch': next_row // self._rows.rows_per_epoch,
+        'seed': self._rows.seed,
+        'seq_len': self._rows.seq_len,
+        'dataset': self._identity,
+    }
+
+  def set_state(self, state: dict) -> None:
+    mine = self.get_state()
+    for key in ('version', 'seed', 'seq_len', 'dataset'):
+      if state.get(key) != mine[key]:
+        raise ValueError(
+            f'Data iterator state has {key}={state.get(key)!r} but this run has '
+            f'{key}={mine[key]!r}: it is not a state of this data stream.')
+    self._start(int(state['next_row']))
+
+
+def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1) -> DataIterator:
+  """The endless, checkpointable training batches of this process (see module docstring)."""
+  _check_batching(config, process_index, process_count)
+  source = sources.open_split(config.dataset, 'train')
+  split = stats_lib.split_stats(source)
+  rows = packing.PackedRows(source, split.doc_lengths, config.seq_len, seed=config.seed)
+  return DataIterator(
+      rows, batch_size=config.batch_size, process_index=process_index,
+      process_count=process_count,
+      num_threads=_dataset_field(config, 'num_threads', 4),
+      prefetch=_dataset_field(config, 'prefetch', 2),
+      identity=source.identity)
+
+
+def make_eval_batches(config, *, split: str = 'validation', num_batches: int | None = None,
+                      batch_size: int | None = None, seq_len: int | None = None,
+                      process_index: int = 0, process_count: int = 1
+                      ) -> Iterator[dict[str, np.ndarray]]:
+  """Deterministic batches over `split` in stored order (epoch 0, no shuffling).
+
+  Every token after the first of the split is a target exactly once; the last
+  row and the rows filling the last batch are padding (token 0, position -1).
+  `num_batches=None` covers the split once; otherwise at most `num_batches`
+  (fewer if the split ends first). `batch_size` (default `config.batch_size`)
+  is global: process p of P gets its contiguous `batch_size // P` rows, as in
+  training.
+  """
+  batch_size = config.batch_size if batch_size is None else batch_size
+  seq_len = config.seq_len if seq_len is None else seq_len
+  if batch_size < 1 or seq_len < 1:
+    raise ValueError(f'Eval batch_size ({batch_size}) and seq_len ({seq_len}) must be >= 1.')
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count}).')
+  if batch_size % process_count:
+    raise ValueError(f'Eval batch_size={batch_size} (config.batch_size unless given) is not '
+                     f'divisible by the process count {process_count}.')
+  local = batch_size // process_count
+  source = sources.open_split(config.dataset, split)
+  split_stats = stats_lib.split_stats(source)
+  rows = packing.PackedRows(source, split_stats.doc_lengths, seq_len,
+                            shuffle=False, drop_remainder=False)
+  total = math.ceil(rows.rows_per_epoch / batch_size)
+  if num_batches is not None:
+    total = min(total, num_batches)
+
+  def batches():
+    pad = {'tokens': np.full(seq_len + 1, packing.PAD_TOKEN, np.int32),
+           'positions': np.full(seq_len + 1, packing.PAD_POSITION, np.int32)}
+    for k in range(total):
+      first = k * batch_size + process_index * local
+      got = [rows[r] if r < rows.rows_per_epoch else pad for r in range(first, first + local)]
+      yield {key: np.stack([row[key] for row in got]) for key in ('tokens', 'positions')}
+
+  return batches()
+
+
+def corpus_unigram_entropy_bits(config, split: str = 'train') -> float:
+  """Entropy (bits/token) of the split's byte-token unigram distribution, EOS included."""
+  return stats_lib.split_stats(sources.open_split(config.dataset, split)).unigram_entropy_bits()

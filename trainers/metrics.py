@@ -1,0 +1,101 @@
+"""Metrics: one JSON object per log step in <workdir>/metrics.jsonl, optional
+TensorBoard events (tensorboardX, needs no TensorFlow), and a one-line progress
+log with step, loss, tokens/s, MFU and ETA.
+
+MFU follows MaxText: 3x the analytic forward matmul FLOPs per token (forward
+and backward), times tokens/s, over the devices' peak bf16 FLOP/s.
+"""
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+# Peak dense bf16 FLOP/s per device, by a substring of `device.device_kind`.
+PEAK_BF16_FLOPS = {
+    'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12, 'TPU v6': 918e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  for kind, flops in PEAK_BF16_FLOPS.items():
+    if kind.lower() in device.device_kind.lower():
+      return flops
+  return None
+
+
+class MetricsWriter:
+  """Appends records to metrics.jsonl; on resume, first drops records past the restored step."""
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tensorboard = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._truncate_after(resume_step)
+    try:
+      import tensorboardX  # optional: pip install -e '.[tensorboard]'
+      self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    except ImportError:
+      pass
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+    with open(self.path, 'w') as f:
+      f.writelines(kept)
+
+  def write(self, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: float(v) for k, v in values.items() if v is not None}}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    if self.tensorboard is not None:
+      for key, value in record.items():
+        if key != 'step':
+          self.tensorboard.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+
+
+class Throughput:
+  """Tokens/s, MFU and ETA between two log points (wall clock on the host)."""
+
+  def __init__(self, *, train_flops_per_token: float, tokens_per_step: int, total_steps: int,
+               devices: list[jax.Device]):
+    self.train_flops_per_token = train_flops_per_token
+    self.tokens_per_step = tokens_per_step
+    self.total_steps = total_steps
+    peaks = [peak_flops(d) for d in devices]
+    self.peak = None if None in peaks else sum(peaks)
+    self._time, self._step = time.perf_counter(), None
+
+  def start(self, step: int) -> None:
+    self._time, self._step = time.perf_counter(), step
+
+  def measure(self, step: int) -> dict:
+    now = time.perf_counter()
+    steps = step - self._step
+    if steps <= 0:
+      return dict(tokens_per_s=None, mfu=None, eta_s=None)
+    seconds = max(now - self._time, 1e-9)
+    self._time, self._step = now, step
+    tokens_per_s = steps * self.tokens_per_step / seconds
+    mfu = None if self.peak is None else tokens_per_s * self.train_flops_per_token / self.peak
+    return dict(tokens_per_s=tokens_per_s, mfu=mfu, eta_s=(self.total_steps - step) * seconds / max(steps, 1))
+
+
+def log_progress(step: int, total_steps: int, values: dict) -> None:
+  mfu, eta, speed = values.get('mfu'), values.get('eta_s'), values.get('tokens_per_s')
+  logging.info('step %d/%d  loss %.4f  %s tokens/s  MFU %s  ETA %s', step, total_steps, values['loss'],
+               '-' if speed is None else f'{speed:.0f}', '-' if mfu is None else f'{100 * mfu:.1f}%',
+               '-' if eta is None else f'{int(eta) // 60}m{int(eta) % 60:02d}s')
