@@ -45,7 +45,7 @@ class TransformerConfig(ModelConfig):
   attention_impl: str = 'auto'
   dtype: str = 'bfloat16'
   param_dtype: str = 'float32'
-  scan_layers: bool = True
+  scan_layers: bool = False     # True: one lax.scan over layers (compile time flat in depth)
   remat: str = 'none'
 
   def __post_init__(self):

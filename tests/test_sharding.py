@@ -30,10 +30,9 @@ def run_two_steps(config, devices):
 @pytest.fixture(scope='module')
 def runs(data_dir):
   assert jax.device_count() == 8, 'tests/conftest.py sets 8 CPU devices'
-  single = run_two_steps(tiny_experiment(data_dir, **{'model.dtype': 'float32', 'mesh': dict(data=1, fsdp=1, tensor=1)}),
-                         jax.devices()[:1])
-  sharded = run_two_steps(tiny_experiment(data_dir, **{'model.dtype': 'float32', 'mesh': dict(data=2, fsdp=2, tensor=2)}),
-                          jax.devices())
+  model = {'model.dtype': 'float32', 'model.scan_layers': True}  # scanned: the stacked `layers` axis too
+  single = run_two_steps(tiny_experiment(data_dir, mesh=dict(data=1, fsdp=1, tensor=1), **model), jax.devices()[:1])
+  sharded = run_two_steps(tiny_experiment(data_dir, mesh=dict(data=2, fsdp=2, tensor=2), **model), jax.devices())
   return single, sharded
 
 

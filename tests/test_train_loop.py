@@ -96,11 +96,13 @@ def test_evaluate_checkpoint_reports_bits_per_byte(straight_run):
 def test_train_and_evaluate_binaries(data_dir, tmp_path):
   flags = ['--config=experiments/configs/sliding.py:tiny', f'--workdir={tmp_path}', '--config.total_steps=4',
            '--config.log_every=2', '--config.eval_batches=1', '--config.model.dim=32', '--config.model.mlp_dim=64',
-           '--config.seq_len=64', '--config.batch_size=8', f'--config.dataset.data_dir={data_dir}']
+           '--config.seq_len=64', '--config.batch_size=8', f'--config.dataset.data_dir={data_dir}',
+           '--config.profile_steps=(2,)']
   for binary in ('experiments.train', 'experiments.evaluate'):
     extra = ['--num_batches=1'] if binary == 'experiments.evaluate' else []
     subprocess.run([sys.executable, '-m', binary, *flags, *extra], cwd=REPO, check=True, timeout=300,
                    env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert [r['step'] for r in read_metrics(tmp_path)] == [2, 4]
+  assert list(tmp_path.glob('profile/**/*.xplane.pb'))  # the trace of step 2
   with open(tmp_path / 'eval.json') as f:
     assert {'loss', 'bits_per_byte', 'perplexity', 'step'} <= set(json.load(f))

@@ -38,6 +38,18 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _restore_or_init(exp: Experiment, checkpointer: Checkpointer, iterator) -> train_state.TrainState:
+  """The last checkpoint's state (and data position), or a new model if there is none."""
+  step = checkpointer.latest_step()
+  if step is None:
+    logging.info('initialised a new model')
+    return exp.new_state()
+  state, data_state = checkpointer.restore(step, exp.restore_target())
+  iterator.set_state(data_state)
+  logging.info('resumed from the checkpoint of step %d', step)
+  return state
+
+
 def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict:
   """Trains `config` in `workdir`, resuming from its last checkpoint; returns the last logged metrics.
 
@@ -51,19 +63,11 @@ def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None) -> di
   iterator = data.make_train_iterator(config, process_index=jax.process_index(),
                                       process_count=jax.process_count())
   with exp.activate():
-    restore_step = checkpointer.latest_step()
-    if restore_step is None:
-      state = exp.new_state()
-      logging.info('initialised a new model')
-    else:
-      state, data_state = checkpointer.restore(restore_step, exp.restore_target())
-      iterator.set_state(data_state)
-      logging.info('resumed from the checkpoint of step %d', restore_step)
-    step = int(jax.device_get(state.step))
+    state = _restore_or_init(exp, checkpointer, iterator)
+    step = first_step = int(jax.device_get(state.step))
     if is_lead:
       logging.info('parameters (%s, %d total):\n%s', config.model.name,
                    train_state.param_count(state.params), parameter_overview(state.params))
-
     train_step = jax.jit(
         steps.make_train_step(exp.graphdef, exp.tx, exp.schedule, config.get('grad_accum_steps', 1)),
         in_shardings=(exp.state_shardings, exp.batch_sharding), out_shardings=(exp.state_shardings, None),
@@ -74,7 +78,8 @@ def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None) -> di
                             tokens_per_step=config.batch_size * config.seq_len,
                             total_steps=config.total_steps, devices=list(exp.mesh.devices.flat))
     profile_steps = set(config.get('profile_steps', ()))
-    first_step = step
+    if step >= config.total_steps:
+      logging.info('already trained to config.total_steps=%d; raise it to train further', config.total_steps)
     last = {}
     with _Preemption() as preemption:
       while step < config.total_steps:
@@ -85,9 +90,10 @@ def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None) -> di
           jax.block_until_ready(state)
           jax.profiler.stop_trace()
         step += 1
-        if step == first_step + 1:  # time from after the compile
+        if step == first_step + 1:  # tokens/s counts from the end of the compile
           jax.block_until_ready(state)
           throughput.start(step)
+
         record = {}
         if step % config.log_every == 0 or step == config.total_steps:
           record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
@@ -98,10 +104,11 @@ def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None) -> di
           record.update({f'eval_{k}': v for k, v in evaluator(state.params).items()})
           logging.info('step %d eval: loss %.4f, %.3f bits/byte', step, record['eval_loss'],
                        record['eval_bits_per_byte'])
-          throughput.start(step)
+          throughput.start(step)  # evaluation time is not training time
         if record:
           writer.write(step, record)
           last = record
+
         preempted = preemption.requested.is_set()
         stopping = preempted or step in (stop_at, config.total_steps)
         checkpointer.save(step, state, iterator.get_state(), force=stopping)

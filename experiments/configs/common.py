@@ -2,7 +2,11 @@
 
 A family's config file calls `base_config()` and fills `config.model`.
 """
+import dataclasses
+
 from ml_collections import ConfigDict
+
+import architectures
 
 # Logical axis -> mesh axes. Parameters: FSDP over `fsdp`, Megatron-style tensor
 # parallelism over `tensor`. Activations: batch over data x fsdp.
@@ -22,6 +26,12 @@ DEFAULT_SHARDING_RULES = (
     ('act_mlp', 'tensor'),
     ('act_vocab', 'tensor'),
 )
+
+
+def model_config(name: str, **fields) -> ConfigDict:
+  """`config.model` for family `name`: every field of its config dataclass, so each can be overridden."""
+  family_config = architectures.get_family(name).Config(**fields)
+  return ConfigDict(dict(name=name, **dataclasses.asdict(family_config)))
 
 
 def base_config() -> ConfigDict:

@@ -5,18 +5,12 @@
 """
 from ml_collections import ConfigDict
 
-from experiments.configs.common import base_config
+from experiments.configs.common import base_config, model_config
 
 SIZES = {
     'tiny': dict(num_layers=2, dim=128, num_heads=4, num_kv_heads=2, mlp_dim=384),
     '150m': dict(num_layers=12, dim=1024, num_heads=16, num_kv_heads=16, mlp_dim=2816),
 }
-
-
-def model_fields(size: str) -> dict:
-  if size not in SIZES:
-    raise ValueError(f'unknown size {size!r}; known: {sorted(SIZES)}')
-  return dict(name='transformer', vocab_size=384, window=0, **SIZES[size])
 
 
 def training_fields(config: ConfigDict, size: str) -> None:
@@ -32,7 +26,9 @@ def training_fields(config: ConfigDict, size: str) -> None:
 
 
 def get_config(size: str = 'tiny') -> ConfigDict:
+  if size not in SIZES:
+    raise ValueError(f'unknown size {size!r}; known: {sorted(SIZES)}')
   config = base_config()
-  config.model = ConfigDict(model_fields(size))
+  config.model = model_config('transformer', vocab_size=384, **SIZES[size])
   training_fields(config, size)
   return config
