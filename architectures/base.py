@@ -2,7 +2,8 @@
 
 A model is an `nnx.Module` with
 
-  __call__(tokens [B, T] int32, positions [B, T] int32, cache=None) -> (logits [B, T, V] float32, cache)
+  __call__(tokens [B, T] int32, positions [B, T] int32, cache=None, *, last_only=False)
+      -> (logits [B, T, V] float32 ([B, 1, V] with last_only: a prefill needs only the last), cache)
   init_cache(batch, max_len, dtype) -> cache   (a pytree of fixed shapes)
   cache_bytes(batch, context_len, dtype) -> int
   flops_per_token(seq_len) -> float            (forward matmul FLOPs, MaxText-style)

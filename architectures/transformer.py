@@ -17,12 +17,11 @@ from architectures.base import ModelCache, ModelConfig, SequenceModel, mean_visi
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
 from layers.documents import Cursor, locate
-from layers.embedding import Embed
 from layers.kv_cache import KVCache
-from layers.linear import Dense
 from layers.mlp import ACTIVATIONS, GatedMLP
 from layers.norms import RMSNorm
 from layers.rope import STYLES, rotary_dims
+from layers.token_io import TokenIO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,35 +110,25 @@ class Transformer(SequenceModel):
     self.config = config
     cfg = config
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    embed_std = cfg.dim ** -0.5 if cfg.tie_embeddings else 1.0
-    self.embed = Embed(cfg.vocab_size, cfg.dim, init_std=embed_std, rngs=rngs, **dtypes)
+    self.io = TokenIO(cfg.vocab_size, cfg.dim, tie_embeddings=cfg.tie_embeddings,
+                      logits_soft_cap=cfg.logits_soft_cap, rngs=rngs, **dtypes)
     self.layers = stack.create_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs, scan=cfg.scan_layers)
     self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
-    self.lm_head = None if cfg.tie_embeddings else Dense(
-        cfg.dim, cfg.vocab_size, names=(sharding.EMBED, sharding.VOCAB), rngs=rngs, **dtypes)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array,
-               cache: ModelCache | None = None) -> tuple[jax.Array, ModelCache | None]:
+  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
+               last_only: bool = False) -> tuple[jax.Array, ModelCache | None]:
     cfg = self.config
     token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
-    x = self.embed(tokens)  # [B, T, D]
-    if cfg.tie_embeddings:
-      x = x * jnp.asarray(cfg.dim ** 0.5, x.dtype)
-    x = sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
+    x = self.io.embed_tokens(tokens)  # [B, T, D]
 
     def layer_fn(block: Block, h, layer_cache):
       return block(h, positions, token_index, documents, layer_cache)
 
     x, layer_caches = stack.apply_layers(self.layers, x, None if cache is None else cache.layers, layer_fn,
                                          scan=cfg.scan_layers, remat=cfg.remat)
-    x = self.final_norm(x)
-    if cfg.tie_embeddings:
-      logits = self.embed.attend(x)  # [B, T, V]
-    else:
-      logits = self.lm_head(x).astype(jnp.float32)
-    if cfg.logits_soft_cap:
-      logits = cfg.logits_soft_cap * jnp.tanh(logits / cfg.logits_soft_cap)
-    logits = sharding.constrain(logits, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_VOCAB))
+    if last_only:
+      x = x[:, -1:]
+    logits = self.io.logits(self.final_norm(x))  # [B, T or 1, V]
     return logits, (None if cache is None else ModelCache(cursor=cursor, layers=layer_caches))
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:

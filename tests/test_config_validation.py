@@ -18,7 +18,7 @@ from tests.helpers import tiny_experiment
     ({'seq_len': 0}, r'config\.seq_len=0: must be positive'),
     ({'sharding_rules': (('embed', 'fsdp'),)}, r'config\.sharding_rules has no rule for logical axes'),
     ({'mesh': dict(data=4, fsdp=1, tensor=2), 'model.vocab_size': 385},
-     r"params\['embed'\]\['table'\].* dimension of 385 .* does not divide over mesh axes \('tensor',\)"),
+     r"params\['io'\]\['embed'\]\['table'\].* dimension of 385 .* does not divide over mesh axes \('tensor',\)"),
 ])
 def test_bad_config_is_named_before_compiling(data_dir, overrides, message, monkeypatch):
   compiled = []

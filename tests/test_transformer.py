@@ -87,9 +87,17 @@ def test_flops_are_twice_the_matmul_parameters_plus_attention():
 
 def test_tied_embeddings_and_soft_cap():
   model = tiny_model(tie_embeddings=True, logits_soft_cap=2.0)
-  assert model.lm_head is None
+  assert model.io.lm_head is None
   logits = forward(model, random_tokens((1, 8), VOCAB), packed_positions([[8]]))
   assert float(jnp.max(jnp.abs(logits))) < 2.0
+
+
+def test_last_only_returns_the_last_position():
+  model = tiny_model()
+  tokens, positions = random_tokens((2, 12), VOCAB), packed_positions([[5, 7], [12]])
+  cache = model.init_cache(2, 12, jnp.float32)
+  last, _ = model(tokens, positions, cache, last_only=True)
+  np.testing.assert_allclose(last, forward(model, tokens, positions)[:, -1:], atol=1e-5)
 
 
 def test_bf16_compute_keeps_float32_params_and_logits():

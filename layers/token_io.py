@@ -1,0 +1,44 @@
+"""Token embedding in, logits out: the two ends every language model shares.
+
+in:  x = E[token] (times sqrt(D) when `scale_embeddings`, Gemma-style; the
+     constant can be rounded to the compute dtype as RecurrentGemma does)
+out: logits = h E^T (tied) or h W_out, in float32, optionally soft-capped
+     c * tanh(logits / c) (Gemma 2, RecurrentGemma).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers import sharding
+from layers.embedding import Embed
+from layers.linear import Dense
+
+
+class TokenIO(nnx.Module):
+
+  def __init__(self, vocab_size: int, dim: int, *, tie_embeddings: bool, scale_embeddings: bool | None = None,
+               round_scale_to_dtype: bool = False, logits_soft_cap: float = 0.0, embed_init_std: float | None = None,
+               dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    """Defaults: tied tables start at std 1/sqrt(D) and are scaled by sqrt(D) on input; untied at std 1."""
+    self.scale_embeddings = tie_embeddings if scale_embeddings is None else scale_embeddings
+    scale = np.float32(dim ** 0.5)  # numpy: a constant, also when the model is built under a trace
+    self.input_scale = float(scale.astype(dtype) if round_scale_to_dtype else scale)
+    self.logits_soft_cap = logits_soft_cap
+    if embed_init_std is None:
+      embed_init_std = dim ** -0.5 if tie_embeddings else 1.0
+    self.embed = Embed(vocab_size, dim, init_std=embed_init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.lm_head = None if tie_embeddings else Dense(
+        dim, vocab_size, names=(sharding.EMBED, sharding.VOCAB), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:  # [B, T] int32 -> [B, T, D]
+    x = self.embed(tokens)
+    if self.scale_embeddings:
+      x = x * jnp.asarray(self.input_scale, x.dtype)
+    return sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
+
+  def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+    logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h).astype(jnp.float32)
+    if self.logits_soft_cap:
+      logits = self.logits_soft_cap * jnp.tanh(logits / self.logits_soft_cap)
+    return sharding.constrain(logits, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_VOCAB))

@@ -1,0 +1,85 @@
+"""The contract every family's tiny config keeps (DESIGN.md, "One model interface").
+
+Families are found from experiments/configs/*.py, so a new family is covered
+as soon as its config file exists. For each: prefill + single-token decode ==
+one forward pass (float32, max abs diff < 1e-4) on rows with a document start
+and long enough to wrap window caches; the train step on an 8-device mesh
+(data=2, fsdp=2, tensor=2) == one device (float32; shard partial sums reduce
+in another order, so losses agree to rtol 1e-5 and parameters to atol 1e-4
+after two AdamW steps at lr 3e-3: Adam divides by sqrt(v), so an element
+whose gradient is ~0 turns summation noise into a visible fraction of lr);
+repeated steps on one batch
+lower the loss; cache_bytes matches the cache init_cache builds.
+"""
+import glob
+import importlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from trainers import steps
+from trainers.experiment import Experiment
+from tests.helpers import packed_positions, random_tokens
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments/configs/*.py'))
+                 if not os.path.basename(p).startswith(('_', 'common')))
+DECODE_LENGTH, PROMPT = 40, 13
+
+
+def tiny_config(name: str, data_dir, mesh: dict):
+  config = importlib.import_module(f'experiments.configs.{name}').get_config('tiny')
+  config.model.dtype = 'float32'
+  config.update(seq_len=32, batch_size=8, total_steps=10, mesh=mesh)
+  config.optimizer.update(warmup_steps=0, learning_rate=3e-3)
+  config.dataset.data_dir = str(data_dir)
+  return config
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_prefill_then_decode_equals_forward(name, data_dir):
+  exp = Experiment.build(tiny_config(name, data_dir, dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+  model = nnx.merge(exp.graphdef, jax.device_get(exp.new_state().params))
+  tokens = random_tokens((2, DECODE_LENGTH), 256)
+  positions = packed_positions([[5, DECODE_LENGTH - 5], [DECODE_LENGTH]])
+  full = model(tokens, positions)[0]
+  graphdef, state = nnx.split(model)
+  call = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c))
+  cache = model.init_cache(2, DECODE_LENGTH, jnp.float32)
+  logits, cache = call(state, tokens[:, :PROMPT], positions[:, :PROMPT], cache)
+  outs = [logits]
+  for t in range(PROMPT, DECODE_LENGTH):
+    logits, cache = call(state, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+    outs.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-4)
+  assert model.cache_bytes(2, DECODE_LENGTH, jnp.float32) == sum(x.nbytes for x in jax.tree.leaves(cache))
+
+
+def train_steps(config, devices, num_steps):
+  exp = Experiment.build(config, devices)
+  batch = dict(tokens=np.asarray(random_tokens((8, 33), 256)),
+               positions=np.asarray(packed_positions([[33], [10, 23], [33], [5, 28]] * 2)))
+  with exp.activate():
+    state = exp.new_state()
+    step = jax.jit(steps.make_train_step(exp.graphdef, exp.tx, exp.schedule),
+                   in_shardings=(exp.state_shardings, exp.batch_sharding), out_shardings=(exp.state_shardings, None))
+    losses = []
+    for _ in range(num_steps):
+      state, metrics = step(state, exp.device_batch(batch))
+      losses.append(float(metrics['loss']))
+  return jax.device_get(state.params), losses
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_sharded_step_equals_one_device_and_lowers_the_loss(name, data_dir):
+  single, single_losses = train_steps(tiny_config(name, data_dir, dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1], 2)
+  sharded, sharded_losses = train_steps(tiny_config(name, data_dir, dict(data=2, fsdp=2, tensor=2)), jax.devices(), 6)
+  np.testing.assert_allclose(sharded_losses[:2], single_losses, rtol=1e-5)
+  assert sharded_losses[-1] < sharded_losses[0] - 0.5
+  two_step_params, _ = train_steps(tiny_config(name, data_dir, dict(data=2, fsdp=2, tensor=2)), jax.devices(), 2)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(two_step_params)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
