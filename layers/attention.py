@@ -45,9 +45,10 @@ class Attention(nnx.Module):
                documents: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """x [B, T, D]; positions, token_index, documents [B, T] -> y [B, T, D], updated cache."""
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
+    kv_heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_KV_HEADS, None)
     q = sharding.constrain(apply_rope(self.query(x), positions, **self.rope), heads)  # [B, T, N, H]
-    k = sharding.constrain(apply_rope(self.key(x), positions, **self.rope), heads)    # [B, T, K, H]
-    v = sharding.constrain(self.value(x), heads)                                      # [B, T, K, H]
+    k = sharding.constrain(apply_rope(self.key(x), positions, **self.rope), kv_heads)  # [B, T, K, H]
+    v = sharding.constrain(self.value(x), kv_heads)                                   # [B, T, K, H]
     scale = self.head_dim ** -0.5
     if cache is None:
       impl = attention_ops.resolve_impl(self.impl, self.dtype, self.head_dim)

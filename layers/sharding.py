@@ -17,6 +17,8 @@ HEADS = 'heads'
 KV_HEADS = 'kv_heads'
 HEAD_DIM = 'kv'
 MLP = 'mlp'
+LRU = 'lru'            # width of a linear recurrence (RG-LRU, ...)
+CONV = 'conv'          # taps of a temporal convolution
 VOCAB = 'vocab'
 LAYERS = 'layers'
 NORM = 'norm'
@@ -25,11 +27,12 @@ ACT_BATCH = 'act_batch'
 ACT_LENGTH = 'act_length'
 ACT_EMBED = 'act_embed'
 ACT_HEADS = 'act_heads'
+ACT_KV_HEADS = 'act_kv_heads'
 ACT_MLP = 'act_mlp'
 ACT_VOCAB = 'act_vocab'
 
-PARAM_AXES = (EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, VOCAB, LAYERS, NORM)
-ACTIVATION_AXES = (ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_MLP, ACT_VOCAB)
+PARAM_AXES = (EMBED, HEADS, KV_HEADS, HEAD_DIM, MLP, LRU, CONV, VOCAB, LAYERS, NORM)
+ACTIVATION_AXES = (ACT_BATCH, ACT_LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB)
 
 
 def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:

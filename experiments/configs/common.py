@@ -9,13 +9,16 @@ from ml_collections import ConfigDict
 import architectures
 
 # Logical axis -> mesh axes. Parameters: FSDP over `fsdp`, Megatron-style tensor
-# parallelism over `tensor`. Activations: batch over data x fsdp.
+# parallelism over `tensor` (query heads, MLP and recurrence widths, vocab).
+# K/V heads stay replicated over `tensor`: MQA has one. Activations: batch over data x fsdp.
 DEFAULT_SHARDING_RULES = (
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
+    ('kv_heads', None),
     ('kv', None),
     ('mlp', 'tensor'),
+    ('lru', 'tensor'),
+    ('conv', None),
     ('vocab', 'tensor'),
     ('layers', None),
     ('norm', None),
@@ -23,6 +26,7 @@ DEFAULT_SHARDING_RULES = (
     ('act_length', None),
     ('act_embed', None),
     ('act_heads', 'tensor'),
+    ('act_kv_heads', None),
     ('act_mlp', 'tensor'),
     ('act_vocab', 'tensor'),
 )
