@@ -32,7 +32,13 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Base of the per-family config dataclasses (fields are `config.model.<name>`)."""
+  """Base of the per-family config dataclasses (fields are `config.model.<name>`).
+
+  `runtime_fields` change how the model computes, not its parameters: a run
+  may resume with different values (e.g. on another accelerator).
+  """
+
+  runtime_fields: ClassVar[tuple[str, ...]] = ('dtype', 'attention_impl', 'remat')
 
   @classmethod
   def from_mapping(cls, fields: Mapping[str, Any]) -> 'ModelConfig':

@@ -32,6 +32,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> architecture
                      f'{ByteTokenizer.vocab_size}')
   for field in ('seq_len', 'batch_size', 'total_steps', 'checkpoint_every', 'log_every', 'eval_every'):
     _positive(config, field)
+  if config.get('on_nonfinite', 'stop') not in ('stop', 'skip'):
+    raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}: must be 'stop' or 'skip'")
   num_devices = jax.device_count() if num_devices is None else num_devices
   shape = partitioning.mesh_shape(config.mesh, num_devices)
 
@@ -56,4 +58,10 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> architecture
   if (config.batch_size // micro) % split:
     raise ValueError(f'config.batch_size={config.batch_size} (per micro-batch {config.batch_size // micro}) is not '
                      f'divisible by the {split} devices of the batch mesh axes {batch_axes}')
+  if config.get('streaming') and config.streaming.enabled:
+    if micro != 1:
+      raise ValueError(f'config.grad_accum_steps={micro}: long-document streaming (config.streaming.enabled) '
+                       'carries one cache per batch row and needs grad_accum_steps=1')
+    if config.streaming.memory < 0:
+      raise ValueError(f'config.streaming.memory={config.streaming.memory}: must be >= 0 (0 = config.seq_len)')
   return model_config

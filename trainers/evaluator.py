@@ -50,11 +50,14 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, *, step: int | None = 
   """Restores a checkpoint of `workdir` (the latest by default) and evaluates it."""
   exp = Experiment.build(config)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=1 << 30)
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints to evaluate; train first')
   with exp.activate():
-    state, _ = checkpointer.restore(step, exp.restore_target())
+    if step is None:
+      restored = checkpointer.restore_latest(exp.restore_target())
+      if restored is None:
+        raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints to evaluate; train first')
+      step, state, _ = restored
+    else:
+      state, _ = checkpointer.restore(step, exp.restore_target())
     results = Evaluator(config, exp.graphdef, exp.batch_sharding, split=split, num_batches=num_batches)(state.params)
   checkpointer.close()
   return dict(step=step, split=split, **results,

@@ -42,6 +42,9 @@ class Experiment:
     graphdef, abstract_model = train_state.model_graphdef(config)
     abstract_state = jax.eval_shape(train_state.init_fn(config, tx))
     shardings = partitioning.state_shardings(abstract_state, mesh, rules)
+    if train_state.streaming(config):
+      shardings = shardings.replace(carry=partitioning.batch_axis_shardings(
+          lambda batch: train_state.new_carry(abstract_model, config, batch), config.batch_size, mesh, rules))
     partitioning.check_divisible(abstract_state, shardings)
     return cls(config, mesh, rules, tx, schedule, graphdef, abstract_model, abstract_state, shardings,
                partitioning.batch_sharding(mesh, rules))

@@ -27,29 +27,37 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 class MetricsWriter:
-  """Appends records to metrics.jsonl; on resume, first drops records past the restored step."""
+  """Appends records to metrics.jsonl (process 0 only)."""
 
-  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True):
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.tensorboard = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._truncate_after(resume_step)
     try:
       import tensorboardX  # optional: pip install -e '.[tensorboard]'
       self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
     except ImportError:
       pass
 
-  def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
+  def drop_records_after(self, step: int) -> None:
+    """On resume: records past the restored step are rewritten by the resumed run."""
+    if not self.enabled or not os.path.exists(self.path):
       return
+    kept = []
     with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-    with open(self.path, 'w') as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # the last line, cut by a kill mid-write
+          continue
+        if record['step'] <= step:
+          kept.append(json.dumps(record) + '\n')
+    with open(self.path + '.tmp', 'w') as f:  # replaced atomically: a kill now loses nothing
       f.writelines(kept)
+    os.replace(self.path + '.tmp', self.path)
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:

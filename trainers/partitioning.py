@@ -6,7 +6,7 @@ axis names of layers/sharding.py to mesh axes. Parameters and optimizer state
 get their shardings from their logical names; a batch is split over the axes
 that `act_batch` maps to.
 """
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -70,6 +70,25 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules) -> Any:
     specs = nnx.get_partition_spec(abstract_state)
   return jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def batch_axis_shardings(make_tree: Callable[[int], Any], batch: int, mesh: jax.sharding.Mesh, rules) -> Any:
+  """Shardings that split each leaf of `make_tree(batch)` along its batch axis (e.g. a decode cache).
+
+  The batch axis of a leaf is the one whose size changes when the batch
+  doubles, so no family has to declare its cache layout.
+  """
+  spec = sharding.logical_to_mesh(BATCH_AXES, rules)[0]
+  one, two = (jax.eval_shape(lambda: make_tree(b)) for b in (batch, 2 * batch))
+
+  def leaf_sharding(a, b):
+    axes = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
+    entries = [None] * len(a.shape)
+    if axes:
+      entries[axes[0]] = spec
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*entries))
+
+  return jax.tree.map(leaf_sharding, one, two)
 
 
 def check_divisible(abstract_state: Any, shardings: Any) -> None:

@@ -8,6 +8,7 @@ targets of the whole batch, also with gradient accumulation (micro-batches
 sum their losses and counts, then one division).
 """
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,48 +27,81 @@ def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Arra
   return tokens[:, :-1], positions[:, :-1], tokens[:, 1:], (positions[:, 1:] > 0).astype(jnp.float32)
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch) -> tuple[jax.Array, dict]:
-  """Summed cross-entropy (nats) over counted targets, and the sums the metrics need."""
+def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+              carry: Any = None) -> tuple[jax.Array, tuple[dict, Any]]:
+  """Summed cross-entropy (nats) over counted targets; aux: the sums the metrics need, and the
+  model cache after this batch when a carried cache (long-document streaming) is given."""
   inputs, positions, targets, weights = split_batch(batch)
-  logits, _ = nnx.merge(graphdef, params)(inputs, positions)  # [B, L, V] float32
+  logits, carry = nnx.merge(graphdef, params)(inputs, positions, carry)  # [B, L, V] float32
   nats = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
   byte_weights = weights * (targets < ByteTokenizer.eos_id)
   total = jnp.sum(nats)
-  return total, dict(loss_sum=total, target_count=jnp.sum(weights), byte_count=jnp.sum(byte_weights))
+  return total, (dict(loss_sum=total, target_count=jnp.sum(weights), byte_count=jnp.sum(byte_weights)), carry)
 
 
-def _accumulated_grads(graphdef, params, batch: Batch, micro_batches: int):
-  grad_fn = jax.grad(lambda p, b: loss_sums(graphdef, p, b), has_aux=True)
+def _accumulated_grads(graphdef, params, batch: Batch, micro_batches: int, carry: Any):
+  """(summed gradients, (sums, new carry)); micro-batches are summed in a scan (no carry then)."""
+  grad_fn = jax.grad(lambda p, b, c: loss_sums(graphdef, p, b, c), has_aux=True)
   if micro_batches == 1:
-    return grad_fn(params, batch)
+    return grad_fn(params, batch, carry)
   micro = jax.tree.map(lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
 
-  def add(carry, micro_batch):
-    grads, sums = grad_fn(params, micro_batch)
-    return jax.tree.map(jnp.add, carry, (grads, sums)), None
+  def add(total, micro_batch):
+    grads, (sums, _) = grad_fn(params, micro_batch, None)
+    return jax.tree.map(jnp.add, total, (grads, sums)), None
 
   zeros = jax.tree.map(jnp.zeros_like, params), dict(loss_sum=0.0, target_count=0.0, byte_count=0.0)
   zeros = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros)
-  return jax.lax.scan(add, zeros, micro)[0]
+  grads, sums = jax.lax.scan(add, zeros, micro)[0]
+  return grads, (sums, None)
+
+
+def finite_leaves(loss: jax.Array, grads) -> jax.Array:
+  """bool [1 + number of gradient leaves]: is the loss, then each gradient leaf, all finite."""
+  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in [loss, *jax.tree.leaves(grads)]])
+
+
+def leaf_names(params) -> list[str]:
+  """Names matching finite_leaves' entries: 'loss', then each gradient leaf's path."""
+  return ['loss'] + ['grad' + jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, micro_batches: int = 1) -> Callable:
-  """(state, batch) -> (state, metrics); one optimizer update per call."""
+  """(state, batch) -> (state, metrics); one optimizer update per call.
+
+  A step whose loss or gradients are not finite leaves parameters and
+  optimizer state as they were, counts itself in `skipped_steps` and, if it is
+  the first, records (step, first non-finite leaf) in `first_nonfinite`; the
+  loop decides, at its next sync point, whether to stop or carry on. With a
+  carried cache in the state, the model continues from it and the new cache
+  is handed to the next step (no gradient flows between steps).
+  """
   def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-    grad_sums, sums = _accumulated_grads(graphdef, state.params, batch, micro_batches)
+    grad_sums, (sums, carry) = _accumulated_grads(graphdef, state.params, batch, micro_batches, state.carry)
     count = jnp.maximum(sums['target_count'], 1.0)
     grads = jax.tree.map(lambda g: g / count, grad_sums)
+    loss = sums['loss_sum'] / count
+    finite = finite_leaves(loss, grads)
+    ok = jnp.all(finite)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=sums['loss_sum'] / count, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state.step), target_count=sums['target_count'])
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    first_bad = jnp.stack([state.step, jnp.argmin(finite).astype(jnp.int32)])
+    new_state = TrainState(
+        step=state.step + 1, params=keep_if_bad(params, state.params),
+        opt_state=keep_if_bad(opt_state, state.opt_state),
+        first_nonfinite=jnp.where(ok | (state.first_nonfinite[0] >= 0), state.first_nonfinite, first_bad),
+        skipped_steps=state.skipped_steps + (~ok).astype(jnp.int32),
+        carry=keep_if_bad(carry, state.carry))
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step),
+                   target_count=sums['target_count'], skipped_steps=new_state.skipped_steps)
+    return new_state, metrics
   return train_step
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
   """(params, batch) -> dict of sums (loss_sum, target_count, byte_count)."""
   def eval_step(params: nnx.State, batch: Batch) -> dict:
-    return loss_sums(graphdef, params, batch)[1]
+    return loss_sums(graphdef, params, batch)[1][0]
   return eval_step

@@ -13,7 +13,7 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from trainers import data, steps, train_state
+from trainers import data, run_config, steps, train_state
 from trainers.checkpoints import Checkpointer
 from trainers.evaluator import Evaluator
 from trainers.experiment import Experiment
@@ -38,16 +38,29 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteError(FloatingPointError):
+  """A loss or gradient was NaN/Inf and config.on_nonfinite is 'stop'."""
+
+
 def _restore_or_init(exp: Experiment, checkpointer: Checkpointer, iterator) -> train_state.TrainState:
-  """The last checkpoint's state (and data position), or a new model if there is none."""
-  step = checkpointer.latest_step()
-  if step is None:
+  """The last usable checkpoint's state (and data position), or a new model if there is none."""
+  restored = checkpointer.restore_latest(exp.restore_target())
+  if restored is None:
     logging.info('initialised a new model')
     return exp.new_state()
-  state, data_state = checkpointer.restore(step, exp.restore_target())
+  step, state, data_state = restored
   iterator.set_state(data_state)
   logging.info('resumed from the checkpoint of step %d', step)
   return state
+
+
+def _check_finite(state: train_state.TrainState, leaf_names: list[str], checkpointer: Checkpointer) -> None:
+  """Raises NonFiniteError naming the first non-finite step and leaf (one scalar pair from the device)."""
+  step, leaf = (int(x) for x in jax.device_get(state.first_nonfinite))
+  if step >= 0:
+    raise NonFiniteError(
+        f'non-finite {leaf_names[leaf]} at step {step + 1}; stopping without saving (the last good checkpoint is '
+        f'step {checkpointer.latest_step()}). Set config.on_nonfinite="skip" to drop such steps instead.')
 
 
 def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict:
@@ -57,66 +70,95 @@ def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None) -> di
   still runs to config.total_steps); a later call continues from there.
   """
   exp = Experiment.build(config)
-  is_lead = jax.process_index() == 0
+  run_config.record_or_check(config, workdir)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
                               keep=config.get('keep_checkpoints', 3))
   iterator = data.make_train_iterator(config, process_index=jax.process_index(),
                                       process_count=jax.process_count())
-  with exp.activate():
-    state = _restore_or_init(exp, checkpointer, iterator)
-    step = first_step = int(jax.device_get(state.step))
-    if is_lead:
-      logging.info('parameters (%s, %d total):\n%s', config.model.name,
-                   train_state.param_count(state.params), parameter_overview(state.params))
-    train_step = jax.jit(
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  try:
+    with exp.activate():
+      state = _restore_or_init(exp, checkpointer, iterator)
+      return _Loop(config, exp, checkpointer, iterator, writer, workdir).run(state, stop_at)
+  finally:
+    iterator.close()
+    checkpointer.close()
+    writer.close()
+
+
+class _Loop:
+  """The step loop: train, log, evaluate, check, checkpoint; one instance per `train` call."""
+
+  def __init__(self, config: ConfigDict, exp: Experiment, checkpointer: Checkpointer, iterator,
+               writer: MetricsWriter, workdir: str):
+    self.config, self.exp, self.checkpointer, self.iterator, self.writer = config, exp, checkpointer, iterator, writer
+    self.workdir = workdir
+    self.is_lead = jax.process_index() == 0
+    self.stop_on_nonfinite = config.get('on_nonfinite', 'stop') == 'stop'
+    self.train_step = jax.jit(
         steps.make_train_step(exp.graphdef, exp.tx, exp.schedule, config.get('grad_accum_steps', 1)),
         in_shardings=(exp.state_shardings, exp.batch_sharding), out_shardings=(exp.state_shardings, None),
         donate_argnums=0)
-    evaluator = Evaluator(config, exp.graphdef, exp.batch_sharding, num_batches=config.get('eval_batches', None))
-    writer = MetricsWriter(workdir, resume_step=step, enabled=is_lead)
-    throughput = Throughput(train_flops_per_token=3 * exp.abstract_model.flops_per_token(config.seq_len),
-                            tokens_per_step=config.batch_size * config.seq_len,
-                            total_steps=config.total_steps, devices=list(exp.mesh.devices.flat))
-    profile_steps = set(config.get('profile_steps', ()))
+    self.evaluator = Evaluator(config, exp.graphdef, exp.batch_sharding, num_batches=config.get('eval_batches', None))
+    self.throughput = Throughput(train_flops_per_token=3 * exp.abstract_model.flops_per_token(config.seq_len),
+                                 tokens_per_step=config.batch_size * config.seq_len,
+                                 total_steps=config.total_steps, devices=list(exp.mesh.devices.flat))
+    self.profile_steps = set(config.get('profile_steps', ()))
+
+  def run(self, state: train_state.TrainState, stop_at: int | None) -> dict:
+    config = self.config
+    step = first_step = int(jax.device_get(state.step))
+    self.writer.drop_records_after(step)
+    self.leaf_names = steps.leaf_names(state.params)
+    if self.is_lead:
+      logging.info('parameters (%s, %d total):\n%s', config.model.name,
+                   train_state.param_count(state.params), parameter_overview(state.params))
     if step >= config.total_steps:
       logging.info('already trained to config.total_steps=%d; raise it to train further', config.total_steps)
     last = {}
     with _Preemption() as preemption:
       while step < config.total_steps:
-        if step in profile_steps:
-          jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-        state, metrics = train_step(state, exp.device_batch(next(iterator)))
-        if step in profile_steps:
-          jax.block_until_ready(state)
-          jax.profiler.stop_trace()
+        state, metrics = self._step(state, step)
         step += 1
         if step == first_step + 1:  # tokens/s counts from the end of the compile
           jax.block_until_ready(state)
-          throughput.start(step)
-
-        record = {}
-        if step % config.log_every == 0 or step == config.total_steps:
-          record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
-          record.update(throughput.measure(step))
-          if is_lead:
-            log_progress(step, config.total_steps, record)
-        if step % config.eval_every == 0 or step == config.total_steps:
-          record.update({f'eval_{k}': v for k, v in evaluator(state.params).items()})
-          logging.info('step %d eval: loss %.4f, %.3f bits/byte', step, record['eval_loss'],
-                       record['eval_bits_per_byte'])
-          throughput.start(step)  # evaluation time is not training time
-        if record:
-          writer.write(step, record)
-          last = record
-
+          self.throughput.start(step)
+        last = self._log_and_evaluate(step, state, metrics) or last
         preempted = preemption.requested.is_set()
         stopping = preempted or step in (stop_at, config.total_steps)
-        checkpointer.save(step, state, iterator.get_state(), force=stopping)
+        if self.stop_on_nonfinite and (stopping or self.checkpointer.due(step)):
+          _check_finite(state, self.leaf_names, self.checkpointer)  # never save a bad state over a good one
+        self.checkpointer.save(step, state, self.iterator.get_state(), force=stopping)
         if preempted:
           logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', step)
         if stopping:
           break
-  iterator.close()
-  checkpointer.close()
-  writer.close()
-  return last
+    return last
+
+  def _step(self, state: train_state.TrainState, step: int):
+    profiling = step in self.profile_steps
+    if profiling:
+      jax.profiler.start_trace(os.path.join(self.workdir, 'profile'))
+    state, metrics = self.train_step(state, self.exp.device_batch(next(self.iterator)))
+    if profiling:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+    return state, metrics
+
+  def _log_and_evaluate(self, step: int, state: train_state.TrainState, metrics: dict) -> dict:
+    """Writes the record of this step (empty if it is neither a log nor an eval step)."""
+    config, record = self.config, {}
+    if step % config.log_every == 0 or step == config.total_steps:
+      record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
+      record.update(self.throughput.measure(step))
+      if self.stop_on_nonfinite and record['skipped_steps']:
+        _check_finite(state, self.leaf_names, self.checkpointer)
+      if self.is_lead:
+        log_progress(step, config.total_steps, record)
+    if step % config.eval_every == 0 or step == config.total_steps:
+      record.update({f'eval_{k}': v for k, v in self.evaluator(state.params).items()})
+      logging.info('step %d eval: loss %.4f, %.3f bits/byte', step, record['eval_loss'], record['eval_bits_per_byte'])
+      self.throughput.start(step)  # evaluation time is not training time
+    if record:
+      self.writer.write(step, record)
+    return record

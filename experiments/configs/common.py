@@ -51,6 +51,9 @@ def base_config() -> ConfigDict:
       num_threads=2,
       prefetch=4,
   ))
+  # Long-document streaming: row j of every batch continues its own document stream and the
+  # model cache (memory tokens; 0 = seq_len) is carried from step to step (Transformer-XL).
+  config.streaming = ConfigDict(dict(enabled=False, memory=0))
   config.seq_len = 256
   config.batch_size = 16
   config.grad_accum_steps = 1
@@ -67,4 +70,5 @@ def base_config() -> ConfigDict:
   config.eval_every = 500
   config.eval_batches = 16
   config.profile_steps = ()
+  config.on_nonfinite = 'stop'       # 'stop': halt naming the step and leaf; 'skip': drop the step's update
   return config

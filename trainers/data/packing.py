@@ -42,7 +42,7 @@ class PackedRows:
   """`rows[i] -> {'tokens': int32[L+1], 'positions': int32[L+1]}` for any i >= 0."""
 
   def __init__(self, docs, doc_lengths, seq_len: int, seed: int = 0, *,
-               shuffle: bool = True, drop_remainder: bool = True,
+               shuffle: bool = True, shuffle_rows: bool | None = None, drop_remainder: bool = True,
                cache_docs: int = 256, cache_epochs: int = 2):
     """Args:
       docs: `len(docs)` and `docs[i] -> bytes` (e.g. `sources.TextSource`).
@@ -50,6 +50,8 @@ class PackedRows:
       seq_len: L; rows hold L + 1 tokens.
       seed: non-negative integer.
       shuffle: permute documents and rows per epoch (training) or not (eval).
+      shuffle_rows: permute rows (default: as `shuffle`); False keeps each
+        epoch's rows in stream order, as long-document streaming needs.
       drop_remainder: drop the last partial row of an epoch (else pad it).
       cache_docs: how many decoded documents to keep.
       cache_epochs: how many epochs' order arrays to keep.
@@ -59,6 +61,7 @@ class PackedRows:
     self.seq_len = int(seq_len)
     self.seed = int(seed)
     self.shuffle = shuffle
+    self.shuffle_rows = shuffle if shuffle_rows is None else shuffle_rows
     if self.seq_len < 1:
       raise ValueError(f'seq_len must be >= 1, got {seq_len}.')
     if self.seed < 0:
@@ -91,7 +94,7 @@ class PackedRows:
     if self.shuffle:
       rng = np.random.default_rng([self.seed, epoch])
       order = rng.permutation(n)
-      row_order = rng.permutation(self.rows_per_epoch)
+      row_order = rng.permutation(self.rows_per_epoch) if self.shuffle_rows else None
     else:
       order, row_order = np.arange(n), None
     offsets = np.zeros(n + 1, np.int64)

@@ -6,6 +6,9 @@ each document start, -1 marks padding).
 
 Training: global batch k is rows `[k*B, (k+1)*B)` of `PackedRows(train split,
 seed=config.seed)`; process p of P takes rows `[k*B + p*B/P, k*B + (p+1)*B/P)`.
+With `config.streaming.enabled`, rows come from `streaming.StreamRows`
+instead: row j of every batch continues lane j's document stream.
+
 Rows are read by grain with `config.dataset.num_threads` threads, keeping
 `config.dataset.prefetch` batches ready. The iterator's state is the index of
 the next global row (plus what identifies the stream), a small JSON dict; a
@@ -20,6 +23,7 @@ import numpy as np
 
 from trainers.data import packing
 from trainers.data import sources
+from trainers.data import streaming
 from trainers.data import stats as stats_lib
 
 _ENDLESS = 1 << 62  # Rows per process: a grain range that never runs out.
@@ -118,13 +122,18 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
   _check_batching(config, process_index, process_count)
   source = sources.open_split(config.dataset, 'train')
   split = stats_lib.split_stats(source)
-  rows = packing.PackedRows(source, split.doc_lengths, config.seq_len, seed=config.seed)
+  identity = source.identity
+  if config.get('streaming') and config.streaming.enabled:  # each row continues its own document stream
+    rows = streaming.StreamRows(source, split.doc_lengths, config.seq_len, lanes=config.batch_size, seed=config.seed)
+    identity += '/stream'
+  else:
+    rows = packing.PackedRows(source, split.doc_lengths, config.seq_len, seed=config.seed)
   return DataIterator(
       rows, batch_size=config.batch_size, process_index=process_index,
       process_count=process_count,
       num_threads=_dataset_field(config, 'num_threads', 4),
       prefetch=_dataset_field(config, 'prefetch', 2),
-      identity=source.identity)
+      identity=identity)
 
 
 def make_eval_batches(config, *, split: str = 'validation', num_batches: int | None = None,
