@@ -6,8 +6,11 @@ held-out split, and the unigram entropy of the training corpus for scale.
 import json
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments import distributed_flags
 
 from trainers.evaluator import evaluate_checkpoint
 from trainers.logs import quiet_library_logs
@@ -23,12 +26,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
+  distributed_flags.maybe_initialize()
   results = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value, split=_SPLIT.value,
                                 num_batches=_NUM_BATCHES.value)
-  path = os.path.join(_WORKDIR.value, 'eval.json')
-  with open(path, 'w') as f:
-    json.dump(results, f, indent=2)
-  logging.info('wrote %s: %s', path, results)
+  if jax.process_index() == 0:
+    path = os.path.join(_WORKDIR.value, 'eval.json')
+    with open(path, 'w') as f:
+      json.dump(results, f, indent=2)
+    logging.info('wrote %s: %s', path, results)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,8 @@ and DIR/checkpoints/. Override any field with --config.<field>=<value>.
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import distributed_flags
+
 from trainers.logs import quiet_library_logs
 from trainers.train_loop import train
 
@@ -17,6 +19,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
+  distributed_flags.maybe_initialize()
   train(_CONFIG.value, _WORKDIR.value)
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -139,6 +140,8 @@ class Checkpointer:
       target = f'{source}.corrupt{suffix}'
     if jax.process_index() == 0:
       os.rename(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'quarantined checkpoint {step}')
     self.manager.reload()
     return target
 

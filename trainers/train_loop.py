@@ -11,6 +11,7 @@ import threading
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from trainers import data, run_config, steps, train_state
@@ -22,20 +23,30 @@ from trainers.param_overview import parameter_overview
 
 
 class _Preemption:
-  """Sets a flag on SIGTERM; the loop checks it between steps."""
+  """Whether to save and stop after this step because of SIGTERM (preemption).
+
+  One process: a SIGTERM handler sets a flag. Several processes: JAX's
+  preemption service (started by jax.distributed) hears the SIGTERM and
+  agrees on one step at which every process saves, without a per-step sync.
+  """
 
   def __init__(self):
     self.requested = threading.Event()
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
     return self
 
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested.is_set()
 
 
 class NonFiniteError(FloatingPointError):
@@ -124,7 +135,7 @@ class _Loop:
           jax.block_until_ready(state)
           self.throughput.start(step)
         last = self._log_and_evaluate(step, state, metrics) or last
-        preempted = preemption.requested.is_set()
+        preempted = preemption.reached(step)
         stopping = preempted or step in (stop_at, config.total_steps)
         if self.stop_on_nonfinite and (stopping or self.checkpointer.due(step)):
           _check_finite(state, self.leaf_names, self.checkpointer)  # never save a bad state over a good one
@@ -157,7 +168,9 @@ class _Loop:
         log_progress(step, config.total_steps, record)
     if step % config.eval_every == 0 or step == config.total_steps:
       record.update({f'eval_{k}': v for k, v in self.evaluator(state.params).items()})
-      logging.info('step %d eval: loss %.4f, %.3f bits/byte', step, record['eval_loss'], record['eval_bits_per_byte'])
+      if self.is_lead:
+        logging.info('step %d eval: loss %.4f, %.3f bits/byte', step, record['eval_loss'],
+                     record['eval_bits_per_byte'])
       self.throughput.start(step)  # evaluation time is not training time
     if record:
       self.writer.write(step, record)
