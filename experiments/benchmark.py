@@ -1,10 +1,14 @@
-"""Measures the speed and memory of the jitted train step on synthetic batches.
+"""Measures training and decoding speed and memory on synthetic data.
 
   python -m experiments.benchmark --config=experiments/configs/transformer.py:150m --output=bench.json
+  python -m experiments.benchmark --mode=decode --contexts=1024,4096,16384,65536 --config=... --output=decode.json
 
-Reports compile time, the median step time of `--steps` timed steps (after
-`--warmup` untimed ones), tokens/s, MFU (MaxText-style FLOPs against the
-chip's peak bf16 rate) and the device's peak memory; writes them as JSON.
+`--mode=train`: compile time, the median step time of `--steps` timed steps
+(after `--warmup` untimed ones), tokens/s, MFU (MaxText-style FLOPs against
+the chip's peak bf16 rate) and the device's peak memory.
+`--mode=decode`: for each context length, the prefill time of a prompt that
+long, the time per generated token after it (median over `--steps` tokens)
+and the exact decode-cache bytes.
 Needs no dataset: rows are random bytes packed as documents of random length.
 """
 import json
@@ -12,8 +16,10 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from trainers import steps
@@ -25,6 +31,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed train steps after the compile.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON results.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'decode'], 'What to measure.')
+_CONTEXTS = flags.DEFINE_list('contexts', ['1024', '4096', '16384', '65536'], 'Decode: prompt lengths.')
+_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 1, 'Decode: sequences decoded together.')
 
 
 def synthetic_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -72,12 +81,50 @@ def benchmark_train_step(config, num_steps: int, warmup: int) -> dict:
       final_loss=float(metrics['loss']))
 
 
+def _timed(fn, *args):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, time.perf_counter() - start
+
+
+def benchmark_decode(config, contexts: list[int], batch: int, num_tokens: int) -> dict:
+  """Prefill time, per-token decode time and cache bytes at each context length (random weights)."""
+  exp = Experiment.build(config)
+  model = nnx.merge(exp.graphdef, exp.new_state().params)
+  graphdef, state = nnx.split(model)
+  cache_dtype = jnp.dtype(config.model.dtype)
+  prefill = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c, last_only=True))
+  step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c), donate_argnums=3)
+  results = []
+  for context in contexts:
+    prompt = synthetic_batch(batch, context - 1)
+    tokens, positions = (jnp.asarray(prompt[k]) for k in ('tokens', 'positions'))
+    cache = model.init_cache(batch, context + num_tokens + 1, cache_dtype)
+    compiled_prefill = prefill.lower(state, tokens, positions, cache).compile()
+    (logits, cache), prefill_s = _timed(compiled_prefill, state, tokens, positions, cache)
+    token, position = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), positions[:, -1:] + 1
+    compiled_step = step.lower(state, token, position, cache).compile()
+    per_token = []
+    for _ in range(num_tokens + 1):
+      (logits, cache), seconds = _timed(compiled_step, state, token, position, cache)
+      per_token.append(seconds)
+      token, position = jnp.argmax(logits, axis=-1).astype(jnp.int32), position + 1
+    results.append(dict(context=context, prefill_s=prefill_s, decode_s_per_token=statistics.median(per_token[1:]),
+                        cache_bytes=model.cache_bytes(batch, context, cache_dtype)))
+    logging.info('%s', json.dumps(results[-1]))
+  return dict(model=config.model.to_dict(), batch=batch, device_kind=jax.devices()[0].device_kind,
+              contexts=results)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
-  results = benchmark_train_step(_CONFIG.value, _STEPS.value, _WARMUP.value)
-  logging.info('%s', json.dumps({k: v for k, v in results.items() if k != 'step_s_all'}))
+  if _MODE.value == 'train':
+    results = benchmark_train_step(_CONFIG.value, _STEPS.value, _WARMUP.value)
+    logging.info('%s', json.dumps({k: v for k, v in results.items() if k != 'step_s_all'}))
+  else:
+    results = benchmark_decode(_CONFIG.value, [int(c) for c in _CONTEXTS.value], _DECODE_BATCH.value, _STEPS.value)
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
       json.dump(results, f, indent=2)

@@ -8,6 +8,7 @@ written into the cache (full KV, or a ring buffer of W slots for a window).
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import FrozenDict
 
 from layers import attention_ops, sharding
 from layers.kv_cache import KVCache
@@ -20,13 +21,13 @@ class Attention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                window: int | None = None, rope_base: float = 10000.0, rope_style: str = 'standard',
                rope_fraction: float = 1.0, impl: str = 'xla', out_init_scale: float = 1.0,
-               dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+               out_bias: bool = False, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
                rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f'num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}')
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.window = window
-    self.rope = dict(base=rope_base, style=rope_style, fraction=rope_fraction)
+    self.rope = FrozenDict(base=rope_base, style=rope_style, fraction=rope_fraction)  # hashable: a static field
     self.impl = impl
     self.dtype = dtype
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -35,7 +36,7 @@ class Attention(nnx.Module):
     self.key = Dense(dim, (num_kv_heads, head_dim), names=kv_names, **common)
     self.value = Dense(dim, (num_kv_heads, head_dim), names=kv_names, **common)
     self.out = Dense((num_heads, head_dim), dim, names=(sharding.HEADS, sharding.HEAD_DIM, sharding.EMBED),
-                     init_scale=out_init_scale, **common)
+                     init_scale=out_init_scale, use_bias=out_bias, **common)
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
     slots = max_len if self.window is None else min(self.window, max_len)

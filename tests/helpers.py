@@ -1,4 +1,8 @@
 """Small builders shared by the tests: tiny models and packed rows with several documents."""
+import glob
+import importlib
+import os
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -39,4 +43,19 @@ def tiny_experiment(data_dir: str, **overrides) -> 'ml_collections.ConfigDict':
     for parent in parents:
       target = target[parent]
     target[leaf] = value
+  return config
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every experiment config file: a new family is tested as soon as its config exists.
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments/configs/*.py'))
+                 if not os.path.basename(p).startswith(('_', 'common')))
+
+
+def family_tiny_config(name: str, data_dir, mesh: dict | None = None) -> 'ml_collections.ConfigDict':
+  """experiments/configs/<name>.py:tiny in float32, with short rows, for CPU tests."""
+  config = importlib.import_module(f'experiments.configs.{name}').get_config('tiny')
+  config.model.dtype = 'float32'
+  config.update(seq_len=32, batch_size=8, total_steps=10, mesh=mesh or dict(data=-1, fsdp=1, tensor=1))
+  config.dataset.data_dir = str(data_dir)
   return config

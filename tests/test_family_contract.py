@@ -11,10 +11,6 @@ two AdamW steps; Adam's eps is raised to 1e-3 here, because with the usual
 fraction of the learning rate); repeated steps on one batch
 lower the loss; cache_bytes matches the cache init_cache builds.
 """
-import glob
-import importlib
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,20 +19,14 @@ from flax import nnx
 
 from trainers import steps
 from trainers.experiment import Experiment
-from tests.helpers import packed_positions, random_tokens
+from tests.helpers import CONFIGS, family_tiny_config, packed_positions, random_tokens
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments/configs/*.py'))
-                 if not os.path.basename(p).startswith(('_', 'common')))
 DECODE_LENGTH, PROMPT = 40, 13
 
 
 def tiny_config(name: str, data_dir, mesh: dict):
-  config = importlib.import_module(f'experiments.configs.{name}').get_config('tiny')
-  config.model.dtype = 'float32'
-  config.update(seq_len=32, batch_size=8, total_steps=10, mesh=mesh)
+  config = family_tiny_config(name, data_dir, mesh)
   config.optimizer.update(warmup_steps=0, learning_rate=3e-3, eps=1e-3)
-  config.dataset.data_dir = str(data_dir)
   return config
 
 

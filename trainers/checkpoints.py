@@ -89,6 +89,10 @@ class Checkpointer:
     Raises StateMismatchError if the checkpoint holds a differently shaped
     state, CorruptCheckpointError if it cannot be read or was altered.
     """
+    step_dir = os.path.join(self.directory, str(step))
+    if os.path.isdir(os.path.join(step_dir, 'state')) and not os.path.isdir(os.path.join(step_dir, 'meta')):
+      raise StateMismatchError(f'the checkpoint of step {step} in {self.directory} has no `meta` item: it was '
+                               'written by an older version of this code, which cannot resume it')
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
       saved_structure = meta['structure']

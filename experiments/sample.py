@@ -1,0 +1,61 @@
+"""Generates text from a trained checkpoint with the model's decode cache.
+
+  python -m experiments.sample --config=experiments/configs/transformer.py:tiny --workdir=DIR \\
+      --prompt='def main(' --prompt='import ' --max_new_tokens=200 --temperature=0.8 --top_p=0.95
+
+Prompts of different lengths are generated together (left-padded); each stops
+at the end-of-document token or after --max_new_tokens. Prints the text.
+"""
+import jax
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from experiments import distributed_flags
+from trainers.checkpoints import Checkpointer
+from trainers.experiment import Experiment
+from trainers.logs import quiet_library_logs
+from trainers.sampling import generate
+from trainers.tokenizer import ByteTokenizer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory the model was trained in.', required=True)
+_PROMPTS = flags.DEFINE_multi_string('prompt', ['def '], 'Prompt text (repeat the flag for a batch).')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0 = all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens holding this mass.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest usable).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  quiet_library_logs()
+  distributed_flags.maybe_initialize()
+  config = _CONFIG.value
+  exp = Experiment.build(config)
+  checkpointer = Checkpointer(f'{_WORKDIR.value}/checkpoints', save_every=1, keep=1 << 30)
+  with exp.activate():
+    if _STEP.value is None:
+      restored = checkpointer.restore_latest(exp.restore_target())
+      if restored is None:
+        raise app.UsageError(f'no checkpoint under {_WORKDIR.value}/checkpoints; train first')
+      state = restored[1]
+    else:
+      state = checkpointer.restore(_STEP.value, exp.restore_target())[0]
+  checkpointer.close()
+  model = nnx.merge(exp.graphdef, jax.device_get(state.params))
+  tokenizer = ByteTokenizer()
+  prompts = [tokenizer.encode(p) for p in _PROMPTS.value]
+  outputs = generate(model, prompts, _MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                     top_p=_TOP_P.value, eos_id=tokenizer.eos_id, seed=_SEED.value,
+                     cache_dtype=jax.numpy.dtype(config.model.dtype))
+  for prompt, tokens in zip(_PROMPTS.value, outputs):
+    print(f'--- {prompt!r}\n{prompt}{tokenizer.decode(tokens)}\n')
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('config')
+  app.run(main)

@@ -1,0 +1,90 @@
+"""Generation with a model's decode cache: batched prompts of different lengths,
+greedy / temperature / top-k / top-p sampling, stopping at an end token.
+
+Prompts are left-padded (padding has position -1, which every family ignores),
+prefilled in one call that returns only the last position's logits, then
+extended one token per step inside one jitted `lax.while_loop`, so the host
+waits once for the whole generation.
+"""
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from architectures.base import SequenceModel
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """logits [B, V] -> tokens [B]; temperature 0 is argmax."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+    cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts -> tokens, positions [B, P] with padding (position -1) on the left."""
+  width = max(len(p) for p in prompts)
+  if min(len(p) for p in prompts) == 0:
+    raise ValueError('every prompt needs at least one token')
+  tokens = np.zeros((len(prompts), width), np.int32)
+  positions = np.full((len(prompts), width), -1, np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, width - len(prompt):] = prompt
+    positions[row, width - len(prompt):] = np.arange(len(prompt))
+  return tokens, positions
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+                                             'eos_id', 'cache_dtype'))
+def _generate(graphdef, state, tokens, positions, key, *, max_new_tokens, temperature, top_k, top_p, eos_id,
+              cache_dtype):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = tokens.shape
+  cache = model.init_cache(batch, prompt_len + max_new_tokens, cache_dtype)
+  logits, cache = model(tokens, positions, cache, last_only=True)
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
+
+  def cond(carry):
+    i, _, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, logits, cache, position, done, out = carry
+    token = jnp.where(done, -1, sample(logits[:, -1], jax.random.fold_in(key, i)))
+    out = out.at[:, i].set(token)
+    done = done | (token == eos_id) if eos_id is not None else done
+    logits, cache = model(jnp.maximum(token, 0)[:, None], position[:, None], cache)
+    return i + 1, logits, cache, position + 1, done, out
+
+  start = (jnp.int32(0), logits, cache, positions[:, -1] + 1, jnp.zeros((batch,), bool), out)
+  return jax.lax.while_loop(cond, body, start)[-1]
+
+
+def generate(model: SequenceModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
+             seed: int = 0, cache_dtype=jnp.bfloat16) -> list[np.ndarray]:
+  """New tokens for each prompt (up to and including `eos_id`, at most `max_new_tokens`)."""
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
+    raise ValueError(f'need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got '
+                     f'{temperature}, {top_p}, {top_k}, {max_new_tokens}')
+  tokens, positions = left_pad(prompts)
+  graphdef, state = nnx.split(model)
+  out = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed),
+                             max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                             top_p=float(top_p), eos_id=eos_id, cache_dtype=jnp.dtype(cache_dtype)))
+  return [row[row >= 0] for row in out]
