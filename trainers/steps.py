@@ -27,16 +27,22 @@ def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Arra
   return tokens[:, :-1], positions[:, :-1], tokens[:, 1:], (positions[:, 1:] > 0).astype(jnp.float32)
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
-              carry: Any = None) -> tuple[jax.Array, tuple[dict, Any]]:
-  """Summed cross-entropy (nats) over counted targets; aux: the sums the metrics need, and the
-  model cache after this batch when a carried cache (long-document streaming) is given."""
+def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, carry: Any = None):
+  """logits [B, L, V], nats per target [B, L] (0 where not counted), the sums, the new carry."""
   inputs, positions, targets, weights = split_batch(batch)
   logits, carry = nnx.merge(graphdef, params)(inputs, positions, carry)  # [B, L, V] float32
   nats = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
   byte_weights = weights * (targets < ByteTokenizer.eos_id)
-  total = jnp.sum(nats)
-  return total, (dict(loss_sum=total, target_count=jnp.sum(weights), byte_count=jnp.sum(byte_weights)), carry)
+  sums = dict(loss_sum=jnp.sum(nats), target_count=jnp.sum(weights), byte_count=jnp.sum(byte_weights))
+  return logits, nats, sums, carry
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
+              carry: Any = None) -> tuple[jax.Array, tuple[dict, Any]]:
+  """Summed cross-entropy (nats) over counted targets; aux: the sums the metrics need, and the
+  model cache after this batch when a carried cache (long-document streaming) is given."""
+  _, _, sums, carry = _forward(graphdef, params, batch, carry)
+  return sums['loss_sum'], (sums, carry)
 
 
 def _accumulated_grads(graphdef, params, batch: Batch, micro_batches: int, carry: Any):
@@ -100,8 +106,32 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-  """(params, batch) -> dict of sums (loss_sum, target_count, byte_count)."""
+def context_lengths(positions: jax.Array) -> jax.Array:
+  """positions [B, L+1] -> [B, L]: how many tokens of its document each target sees in the row.
+
+  A target at row index t + 1 sees its document's earlier tokens in the row:
+  all `position` of them if the document starts in the row, else t + 1.
+  """
+  return jnp.minimum(positions[:, 1:], jnp.arange(1, positions.shape[1], dtype=positions.dtype))
+
+
+def position_bucket(context: jax.Array, num_buckets: int) -> jax.Array:
+  """Bucket b holds context lengths [2^b, 2^(b+1)) (the last bucket: everything beyond)."""
+  return jnp.clip(jnp.floor(jnp.log2(jnp.maximum(context, 1))).astype(jnp.int32), 0, num_buckets - 1)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, num_buckets: int = 24) -> Callable:
+  """(params, batch) -> dict of sums: loss_sum, target_count, byte_count; loss and count per
+  context-length bucket; and, when the batch marks answer tokens, how many the argmax got right."""
   def eval_step(params: nnx.State, batch: Batch) -> dict:
-    return loss_sums(graphdef, params, batch)[1][0]
+    logits, nats, sums, _ = _forward(graphdef, params, batch)
+    _, _, targets, weights = split_batch(batch)
+    bucket = position_bucket(context_lengths(batch['positions']), num_buckets).ravel()
+    sums['bucket_loss'] = jax.ops.segment_sum(nats.ravel(), bucket, num_buckets)
+    sums['bucket_count'] = jax.ops.segment_sum(weights.ravel(), bucket, num_buckets)
+    if 'answer' in batch:
+      answer = batch['answer'][:, 1:].astype(jnp.float32) * weights
+      sums['answer_correct'] = jnp.sum(answer * (jnp.argmax(logits, axis=-1) == targets))
+      sums['answer_count'] = jnp.sum(answer)
+    return sums
   return eval_step

@@ -167,7 +167,7 @@ class _Loop:
       if self.is_lead:
         log_progress(step, config.total_steps, record)
     if step % config.eval_every == 0 or step == config.total_steps:
-      record.update({f'eval_{k}': v for k, v in self.evaluator(state.params).items()})
+      record.update({f'eval_{k}': v for k, v in self.evaluator.scalars(state.params).items()})
       if self.is_lead:
         logging.info('step %d eval: loss %.4f, %.3f bits/byte', step, record['eval_loss'],
                      record['eval_bits_per_byte'])

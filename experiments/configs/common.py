@@ -69,6 +69,7 @@ def base_config() -> ConfigDict:
   config.log_every = 50
   config.eval_every = 500
   config.eval_batches = 16
+  config.eval_extrapolation = (2, 4, 8)   # experiments.evaluate: rows k x seq_len long
   config.profile_steps = ()
   config.on_nonfinite = 'stop'       # 'stop': halt naming the step and leaf; 'skip': drop the step's update
   return config
