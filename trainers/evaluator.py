@@ -61,6 +61,35 @@ class Evaluator:
     return {k: v for k, v in self(params).items() if not isinstance(v, list)}
 
 
+PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+PASSKEY_MIN_LENGTH = 128  # the needle and the question take ~100 bytes
+
+
+def task_scores(config: ConfigDict, exp: Experiment, params: nnx.State) -> dict:
+  """Argmax accuracy on the answer tokens of each task in config.eval_tasks (passkey: per
+  length and depth), whatever data the model was trained on."""
+  scores = {}
+  for task in config.get('eval_tasks', ()):
+    if task not in data.synthetic.TASKS:
+      raise ValueError(f'config.eval_tasks has unknown task {task!r}; known: {data.synthetic.TASKS}')
+    grid = [(config.seq_len, -1.0)]
+    if task == 'passkey':
+      lengths = [k * config.seq_len for k in (1, 2, 4) if k * config.seq_len >= PASSKEY_MIN_LENGTH]
+      grid = [(length, depth) for length in lengths for depth in PASSKEY_DEPTHS]
+      if not grid:
+        scores[task] = f'skipped: rows shorter than {PASSKEY_MIN_LENGTH} tokens'
+    for seq_len, depth in grid:
+      task_config = ConfigDict(config.to_dict())
+      task_config.dataset.update(name=task, depth=depth)
+      accuracy = Evaluator(task_config, exp.graphdef, exp.batch_sharding, seq_len=seq_len,
+                           num_batches=config.get('eval_batches', None))(params)['accuracy']
+      if task == 'passkey':
+        scores.setdefault(task, {})[f'length{seq_len}_depth{depth}'] = accuracy
+      else:
+        scores[task] = accuracy
+  return scores
+
+
 def evaluate_checkpoint(config: ConfigDict, workdir: str, *, step: int | None = None,
                         split: str = 'validation', num_batches: int | None = None) -> dict:
   """Restores a checkpoint of `workdir` (the latest by default) and evaluates it."""
@@ -80,6 +109,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, *, step: int | None = 
       evaluator = Evaluator(config, exp.graphdef, exp.batch_sharding, split=split, seq_len=factor * config.seq_len,
                             num_batches=config.get('eval_batches', None))
       extrapolation[f'{factor}x'] = dict(seq_len=factor * config.seq_len, **evaluator(state.params))
+    tasks = task_scores(config, exp, state.params)
   checkpointer.close()
-  return dict(step=step, split=split, seq_len=config.seq_len, **results, extrapolation=extrapolation,
+  return dict(step=step, split=split, seq_len=config.seq_len, **results, extrapolation=extrapolation, tasks=tasks,
               unigram_entropy_bits=data.corpus_unigram_entropy_bits(config))

@@ -3,7 +3,8 @@
 A batch holds rows of seq_len + 1 tokens and their positions; inputs are
 tokens[:, :-1], targets tokens[:, 1:]. A target counts when its position is
 > 0: it is neither padding (-1) nor the first token of a document, which no
-earlier token of its row may predict. The loss is the mean over counted
+earlier token of its row may predict (on a synthetic task, only its answer
+tokens count). The loss is the mean over counted
 targets of the whole batch, also with gradient accumulation (micro-batches
 sum their losses and counts, then one division).
 """
@@ -22,9 +23,15 @@ Batch = dict[str, jax.Array]
 
 
 def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """tokens/positions [B, L+1] -> inputs, input positions, targets, target weights [B, L]."""
+  """tokens/positions [B, L+1] -> inputs, input positions, targets, target weights [B, L].
+
+  On a synthetic task (the batch has an `answer` mask) only answer tokens count.
+  """
   tokens, positions = batch['tokens'], batch['positions']
-  return tokens[:, :-1], positions[:, :-1], tokens[:, 1:], (positions[:, 1:] > 0).astype(jnp.float32)
+  weights = positions[:, 1:] > 0
+  if 'answer' in batch:
+    weights &= batch['answer'][:, 1:]
+  return tokens[:, :-1], positions[:, :-1], tokens[:, 1:], weights.astype(jnp.float32)
 
 
 def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, carry: Any = None):
@@ -129,9 +136,8 @@ def make_eval_step(graphdef: nnx.GraphDef, num_buckets: int = 24) -> Callable:
     bucket = position_bucket(context_lengths(batch['positions']), num_buckets).ravel()
     sums['bucket_loss'] = jax.ops.segment_sum(nats.ravel(), bucket, num_buckets)
     sums['bucket_count'] = jax.ops.segment_sum(weights.ravel(), bucket, num_buckets)
-    if 'answer' in batch:
-      answer = batch['answer'][:, 1:].astype(jnp.float32) * weights
-      sums['answer_correct'] = jnp.sum(answer * (jnp.argmax(logits, axis=-1) == targets))
-      sums['answer_count'] = jnp.sum(answer)
+    if 'answer' in batch:  # weights are the answer tokens
+      sums['answer_correct'] = jnp.sum(weights * (jnp.argmax(logits, axis=-1) == targets))
+      sums['answer_count'] = jnp.sum(weights)
     return sums
   return eval_step

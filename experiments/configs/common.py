@@ -50,6 +50,10 @@ def base_config() -> ConfigDict:
       text_feature='text',
       num_threads=2,
       prefetch=4,
+      # Synthetic tasks (name='mqar' | 'passkey' | 'selective_copy'; trainers/data/synthetic.py):
+      num_pairs=8,                   # mqar: key-value pairs per row
+      depth=-1.0,                    # passkey: where the key sits (0..1; -1 = random)
+      num_tokens=8,                  # selective_copy: letters to copy
   ))
   # Long-document streaming: row j of every batch continues its own document stream and the
   # model cache (memory tokens; 0 = seq_len) is carried from step to step (Transformer-XL).
@@ -70,6 +74,7 @@ def base_config() -> ConfigDict:
   config.eval_every = 500
   config.eval_batches = 16
   config.eval_extrapolation = (2, 4, 8)   # experiments.evaluate: rows k x seq_len long
+  config.eval_tasks = ('mqar', 'passkey', 'selective_copy')  # experiments.evaluate: answer accuracy
   config.profile_steps = ()
   config.on_nonfinite = 'stop'       # 'stop': halt naming the step and leaf; 'skip': drop the step's update
   return config

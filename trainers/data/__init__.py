@@ -3,6 +3,7 @@
 The trainer uses only what is exported here (see `pipeline.py`):
 `make_train_iterator`, `make_eval_batches`, `corpus_unigram_entropy_bits`.
 """
+from trainers.data import synthetic
 from trainers.data.pipeline import DataIterator
 from trainers.data.pipeline import corpus_unigram_entropy_bits
 from trainers.data.pipeline import make_eval_batches
@@ -15,4 +16,5 @@ __all__ = [
     'corpus_unigram_entropy_bits',
     'make_eval_batches',
     'make_train_iterator',
+    'synthetic',
 ]

@@ -24,6 +24,7 @@ import numpy as np
 from trainers.data import packing
 from trainers.data import sources
 from trainers.data import streaming
+from trainers.data import synthetic
 from trainers.data import stats as stats_lib
 
 _ENDLESS = 1 << 62  # Rows per process: a grain range that never runs out.
@@ -120,6 +121,11 @@ class DataIterator:
 def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1) -> DataIterator:
   """The endless, checkpointable training batches of this process (see module docstring)."""
   _check_batching(config, process_index, process_count)
+  if config.dataset.name in synthetic.TASKS:
+    rows = synthetic.task_rows(config, 'train')
+    return DataIterator(rows, batch_size=config.batch_size, process_index=process_index,
+                        process_count=process_count, num_threads=_dataset_field(config, 'num_threads', 4),
+                        prefetch=_dataset_field(config, 'prefetch', 2), identity=rows.identity)
   source = sources.open_split(config.dataset, 'train')
   split = stats_lib.split_stats(source)
   identity = source.identity
@@ -159,13 +165,17 @@ def make_eval_batches(config, *, split: str = 'validation', num_batches: int | N
     raise ValueError(f'Eval batch_size={batch_size} (config.batch_size unless given) is not '
                      f'divisible by the process count {process_count}.')
   local = batch_size // process_count
-  source = sources.open_split(config.dataset, split)
-  split_stats = stats_lib.split_stats(source)
-  rows = packing.PackedRows(source, split_stats.doc_lengths, seq_len,
-                            shuffle=False, drop_remainder=False)
-  total = math.ceil(rows.rows_per_epoch / batch_size)
-  if num_batches is not None:
-    total = min(total, num_batches)
+  if config.dataset.name in synthetic.TASKS:  # endless: as many batches as asked (default: eval_batches)
+    rows = synthetic.task_rows(config, split, seq_len)
+    total = num_batches or config.get('eval_batches', 8)
+  else:
+    source = sources.open_split(config.dataset, split)
+    split_stats = stats_lib.split_stats(source)
+    rows = packing.PackedRows(source, split_stats.doc_lengths, seq_len,
+                              shuffle=False, drop_remainder=False)
+    total = math.ceil(rows.rows_per_epoch / batch_size)
+    if num_batches is not None:
+      total = min(total, num_batches)
 
   def batches():
     pad = {'tokens': np.full(seq_len + 1, packing.PAD_TOKEN, np.int32),
@@ -173,11 +183,14 @@ def make_eval_batches(config, *, split: str = 'validation', num_batches: int | N
     for k in range(total):
       first = k * batch_size + process_index * local
       got = [rows[r] if r < rows.rows_per_epoch else pad for r in range(first, first + local)]
-      yield {key: np.stack([row[key] for row in got]) for key in ('tokens', 'positions')}
+      yield {key: np.stack([row[key] for row in got]) for key in got[0]}
 
   return batches()
 
 
-def corpus_unigram_entropy_bits(config, split: str = 'train') -> float:
-  """Entropy (bits/token) of the split's byte-token unigram distribution, EOS included."""
+def corpus_unigram_entropy_bits(config, split: str = 'train') -> float | None:
+  """Entropy (bits/token) of the split's byte-token unigram distribution, EOS included
+  (None for a synthetic task, which has no corpus)."""
+  if config.dataset.name in synthetic.TASKS:
+    return None
   return stats_lib.split_stats(sources.open_split(config.dataset, split)).unigram_entropy_bits()
