@@ -1,3 +1,5 @@
 """Model families. Importing this package registers every family by name."""
 from architectures import transformer  # noqa: F401  (registers 'transformer')
+from architectures import aaren  # noqa: F401  (registers 'aaren')
+from architectures import yoco  # noqa: F401  (registers 'yoco')
 from architectures.registry import create_model, families, get_family, model_config  # noqa: F401

@@ -17,7 +17,6 @@ from architectures.base import ModelCache, ModelConfig, SequenceModel, mean_visi
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
 from layers.documents import Cursor, locate
-from layers.kv_cache import KVCache
 from layers.mlp import ACTIVATIONS, GatedMLP
 from layers.norms import RMSNorm
 from layers.rope import STYLES, rotary_dims
@@ -80,26 +79,27 @@ class TransformerConfig(ModelConfig):
 
 
 class Block(nnx.Module):
-  """One pre-norm residual block: attention then gated MLP."""
+  """One pre-norm residual block: a sequence mixer (attention by default) then a gated MLP."""
 
-  def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: TransformerConfig, mixer: nnx.Module, rngs: nnx.Rngs):
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    out_scale = 1.0 / (2 * cfg.num_layers)
-    self.attention_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
-    self.attention = Attention(
-        cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.heads_dim, window=cfg.window or None,
-        rope_base=cfg.rope_base, rope_style=cfg.rope_style, rope_fraction=cfg.rope_fraction,
-        impl=cfg.attention_impl, out_init_scale=out_scale, rngs=rngs, **dtypes)
+    self.mixer_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
+    self.mixer = mixer
     self.mlp_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
     self.mlp = GatedMLP(cfg.dim, cfg.mlp_dim, activation=cfg.mlp_activation,
-                        out_init_scale=out_scale, rngs=rngs, **dtypes)
+                        out_init_scale=residual_init_scale(cfg), rngs=rngs, **dtypes)
 
-  def __call__(self, x, positions, token_index, documents, cache: KVCache | None):
-    """x [B, T, D] -> [B, T, D], updated cache."""
-    attended, cache = self.attention(self.attention_norm(x), positions, token_index, documents, cache)
-    x = x + attended
+  def __call__(self, x, positions, token_index, documents, cache):
+    """x [B, T, D] -> [B, T, D], the mixer's updated cache."""
+    mixed, cache = self.mixer(self.mixer_norm(x), positions, token_index, documents, cache)
+    x = x + mixed
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED)), cache
+
+
+def residual_init_scale(cfg: TransformerConfig) -> float:
+  """Variance scale of the projections that write into the residual stream (GPT-2 style)."""
+  return 1.0 / (2 * cfg.num_layers)
 
 
 @registry.register('transformer')
@@ -112,7 +112,8 @@ class Transformer(SequenceModel):
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.io = TokenIO(cfg.vocab_size, cfg.dim, tie_embeddings=cfg.tie_embeddings,
                       logits_soft_cap=cfg.logits_soft_cap, rngs=rngs, **dtypes)
-    self.layers = stack.create_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs, scan=cfg.scan_layers)
+    self.layers = stack.create_layers(lambda r: Block(cfg, self.make_mixer(cfg, r), r), cfg.num_layers, rngs,
+                                      scan=cfg.scan_layers)
     self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
@@ -131,18 +132,28 @@ class Transformer(SequenceModel):
     logits = self.io.logits(self.final_norm(x))  # [B, T or 1, V]
     return logits, (None if cache is None else ModelCache(cursor=cursor, layers=layer_caches))
 
+  @staticmethod
+  def make_mixer(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The block's sequence mixer: causal (optionally sliding-window) attention."""
+    return Attention(cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.heads_dim, window=cfg.window or None,
+                     rope_base=cfg.rope_base, rope_style=cfg.rope_style, rope_fraction=cfg.rope_fraction,
+                     impl=cfg.attention_impl, out_init_scale=residual_init_scale(cfg), rngs=rngs,
+                     dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     cfg = self.config
-    window = cfg.window or None
-    slots = max_len if window is None else min(window, max_len)
-    one = KVCache.create(batch, slots, cfg.kv_heads, cfg.heads_dim, dtype)
-    layers = (stack_layer_caches(one, cfg.num_layers) if cfg.scan_layers
-              else [one] * cfg.num_layers)
+    mixer = (self.layers if cfg.scan_layers else self.layers[0]).mixer  # shapes only: any layer will do
+    one = mixer.init_cache(batch, max_len, dtype)
+    layers = stack_layer_caches(one, cfg.num_layers) if cfg.scan_layers else [one] * cfg.num_layers
     return ModelCache(cursor=Cursor.create(batch), layers=layers)
+
+  def mixer_flops_per_token(self, seq_len: int) -> float:
+    """Forward matmul FLOPs per token of one layer's mixer: projections and attention."""
+    cfg = self.config
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.heads_dim
+    return 2 * cfg.dim * (2 * n * h + 2 * k * h) + 2 * 2 * n * h * mean_visible_keys(seq_len, cfg.window)
 
   def flops_per_token(self, seq_len: int) -> float:
     cfg = self.config
-    d, n, k, h, m = cfg.dim, cfg.num_heads, cfg.kv_heads, cfg.heads_dim, cfg.mlp_dim
-    projections = 2 * d * (2 * n * h + 2 * k * h) + 2 * 3 * d * m
-    attention = 2 * 2 * n * h * mean_visible_keys(seq_len, cfg.window)
-    return cfg.num_layers * (projections + attention) + 2 * d * cfg.vocab_size
+    mlp = 2 * 3 * cfg.dim * cfg.mlp_dim
+    return cfg.num_layers * (self.mixer_flops_per_token(seq_len) + mlp) + 2 * cfg.dim * cfg.vocab_size

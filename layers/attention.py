@@ -20,14 +20,16 @@ class Attention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                window: int | None = None, rope_base: float = 10000.0, rope_style: str = 'standard',
-               rope_fraction: float = 1.0, impl: str = 'xla', out_init_scale: float = 1.0,
+               rope_fraction: float = 1.0, rope_frequencies: str = 'standard', impl: str = 'xla',
+               out_init_scale: float = 1.0,
                out_bias: bool = False, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
                rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f'num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}')
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.window = window
-    self.rope = FrozenDict(base=rope_base, style=rope_style, fraction=rope_fraction)  # hashable: a static field
+    self.rope = FrozenDict(base=rope_base, style=rope_style, fraction=rope_fraction,  # hashable: a static field
+                           frequencies=rope_frequencies)
     self.impl = impl
     self.dtype = dtype
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -9,11 +9,15 @@ theta_i = base^(-2i / d_rot), i = 0 .. d_rot/2 - 1, and p the token's position:
 `style='interleaved'` pairs channels 2i and 2i + 1 (RoFormer, GPT-J, YOCO).
 `fraction` < 1 rotates only the first `fraction * head_dim` channels and leaves
 the rest as they are (RecurrentGemma rotates half).
+`frequencies='linspace'` spaces the exponents evenly from 0 to 1 inclusive,
+theta_i = base^(-i / (d_rot/2 - 1)) (YOCO's reference code); the default
+'standard' is base^(-2i / d_rot).
 """
 import jax
 import jax.numpy as jnp
 
 STYLES = ('standard', 'interleaved')
+FREQUENCIES = ('standard', 'linspace')
 
 
 def rotary_dims(head_dim: int, fraction: float) -> int:
@@ -24,13 +28,18 @@ def rotary_dims(head_dim: int, fraction: float) -> int:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0,
-               style: str = 'standard', fraction: float = 1.0) -> jax.Array:
+               style: str = 'standard', fraction: float = 1.0, frequencies: str = 'standard') -> jax.Array:
   """x: [B, T, H, D], positions: [B, T] -> [B, T, H, D] (same dtype as x)."""
   if style not in STYLES:
     raise ValueError(f'unknown rope style {style!r}; known: {STYLES}')
+  if frequencies not in FREQUENCIES:
+    raise ValueError(f'unknown rope frequencies {frequencies!r}; known: {FREQUENCIES}')
   head_dim = x.shape[-1]
   d_rot = rotary_dims(head_dim, fraction)
-  inv_freq = base ** (-jnp.arange(0, d_rot, 2, dtype=jnp.float32) / d_rot)  # [d_rot/2]
+  if frequencies == 'standard':
+    inv_freq = base ** (-jnp.arange(0, d_rot, 2, dtype=jnp.float32) / d_rot)  # [d_rot/2]
+  else:
+    inv_freq = base ** -jnp.linspace(0.0, 1.0, d_rot // 2, dtype=jnp.float32)  # [d_rot/2]
   angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [B, T, 1, d_rot/2]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   rot, rest = x[..., :d_rot].astype(jnp.float32), x[..., d_rot:]
