@@ -40,6 +40,9 @@ class ModelConfig:
 
   runtime_fields: ClassVar[tuple[str, ...]] = ('dtype', 'attention_impl', 'remat')
 
+  # 0: byte/token inputs and logits; F > 0: F continuous features in, the next step's F out (forecasting).
+  input_features: int = 0
+
   @classmethod
   def from_mapping(cls, fields: Mapping[str, Any]) -> 'ModelConfig':
     known = {f.name for f in dataclasses.fields(cls)}

@@ -18,9 +18,9 @@ from layers import attention_ops, sharding, stack
 from layers.attention import Attention
 from layers.documents import Cursor, locate
 from layers.mlp import ACTIVATIONS, GatedMLP
+from layers.model_io import make_io
 from layers.norms import RMSNorm
 from layers.rope import STYLES, rotary_dims
-from layers.token_io import TokenIO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Transformer(SequenceModel):
     self.config = config
     cfg = config
     dtypes = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    self.io = TokenIO(cfg.vocab_size, cfg.dim, tie_embeddings=cfg.tie_embeddings,
+    self.io = make_io(cfg.vocab_size, cfg.dim, input_features=cfg.input_features, tie_embeddings=cfg.tie_embeddings,
                       logits_soft_cap=cfg.logits_soft_cap, rngs=rngs, **dtypes)
     self.layers = stack.create_layers(lambda r: Block(cfg, self.make_mixer(cfg, r), r), cfg.num_layers, rngs,
                                       scan=cfg.scan_layers)
@@ -118,6 +118,7 @@ class Transformer(SequenceModel):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
                last_only: bool = False) -> tuple[jax.Array, ModelCache | None]:
+    """tokens [B, T] int32 (or values [B, T, F] when forecasting) -> logits [B, T, V] (predictions [B, T, F])."""
     cfg = self.config
     token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
     x = self.io.embed_tokens(tokens)  # [B, T, D]
@@ -156,4 +157,5 @@ class Transformer(SequenceModel):
   def flops_per_token(self, seq_len: int) -> float:
     cfg = self.config
     mlp = 2 * 3 * cfg.dim * cfg.mlp_dim
-    return cfg.num_layers * (self.mixer_flops_per_token(seq_len) + mlp) + 2 * cfg.dim * cfg.vocab_size
+    outputs = cfg.input_features or cfg.vocab_size
+    return cfg.num_layers * (self.mixer_flops_per_token(seq_len) + mlp) + 2 * cfg.dim * outputs

@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 
 import architectures
 from layers import sharding
-from trainers import partitioning
+from trainers import data, partitioning
 from trainers.tokenizer import ByteTokenizer
 
 REQUIRED_FIELDS = ('model', 'dataset', 'seq_len', 'batch_size', 'total_steps', 'seed', 'optimizer',
@@ -27,7 +27,17 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> architecture
   if missing:
     raise ValueError(f'config is missing fields {missing}')
   model_config = architectures.model_config(config.model.to_dict())
-  if model_config.vocab_size < ByteTokenizer.vocab_size:
+  forecasting = config.dataset.name in data.timeseries.DATASETS
+  features = config.dataset.get('features', 1)
+  if forecasting and model_config.input_features != features:
+    raise ValueError(f'config.model.input_features={model_config.input_features}: the time series '
+                     f'{config.dataset.name!r} has config.dataset.features={features}; set them equal')
+  if not forecasting and model_config.input_features:
+    raise ValueError(f'config.model.input_features={model_config.input_features}: continuous inputs need a '
+                     f'time-series dataset ({data.timeseries.DATASETS}), not {config.dataset.name!r}')
+  if model_config.input_features < 0:
+    raise ValueError(f'config.model.input_features={model_config.input_features}: must be >= 0')
+  if not forecasting and model_config.vocab_size < ByteTokenizer.vocab_size:
     raise ValueError(f'config.model.vocab_size={model_config.vocab_size}: the byte tokenizer needs at least '
                      f'{ByteTokenizer.vocab_size}')
   for field in ('seq_len', 'batch_size', 'total_steps', 'checkpoint_every', 'log_every', 'eval_every'):

@@ -1,5 +1,6 @@
 """Held-out evaluation: loss (nats/token), perplexity, bits per byte, loss by
-position in the document, length extrapolation, and task accuracy.
+position in the document, length extrapolation, and task accuracy; for a time
+series, MSE and MAE of the next-step predictions.
 
 bits/byte = (summed nats over all counted targets) / ln 2 / (number of byte
 targets); end-of-document predictions count in the loss but are not bytes.
@@ -45,10 +46,14 @@ class Evaluator:
     if totals is None:
       raise ValueError(f'the {self.split!r} split yielded no evaluation batches')
     totals = jax.device_get(totals)
-    loss = float(totals['loss_sum']) / max(float(totals['target_count']), 1.0)
-    results = dict(loss=loss, perplexity=math.exp(min(loss, 50.0)),
-                   bits_per_byte=float(totals['loss_sum']) / math.log(2) / max(float(totals['byte_count']), 1.0),
-                   target_tokens=float(totals['target_count']),
+    count = max(float(totals['target_count']), 1.0)
+    loss = float(totals['loss_sum']) / count
+    if 'abs_error_sum' in totals:  # forecasting: the loss is the MSE
+      results = dict(loss=loss, mse=loss, mae=float(totals['abs_error_sum']) / count)
+    else:
+      results = dict(loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                     bits_per_byte=float(totals['loss_sum']) / math.log(2) / max(float(totals['byte_count']), 1.0))
+    results.update(target_tokens=float(totals['target_count']),
                    loss_by_position=[dict(first=2 ** b, last=2 ** (b + 1) - 1, loss=float(l / c), count=float(c))
                                      for b, (l, c) in enumerate(zip(totals['bucket_loss'], totals['bucket_count']))
                                      if c > 0])

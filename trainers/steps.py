@@ -1,12 +1,14 @@
-"""The jitted train and eval steps: next-token cross-entropy on packed rows.
+"""The jitted train and eval steps: next-token cross-entropy on packed rows, or
+next-step squared error on a time series.
 
-A batch holds rows of seq_len + 1 tokens and their positions; inputs are
-tokens[:, :-1], targets tokens[:, 1:]. A target counts when its position is
-> 0: it is neither padding (-1) nor the first token of a document, which no
-earlier token of its row may predict (on a synthetic task, only its answer
-tokens count). The loss is the mean over counted
-targets of the whole batch, also with gradient accumulation (micro-batches
-sum their losses and counts, then one division).
+A batch holds rows of seq_len + 1 tokens (or `values` [.., F] of a series)
+and their positions; inputs are rows[:, :-1], targets rows[:, 1:]. A target
+counts when its position is > 0: it is neither padding (-1) nor the first
+token of a document, which no earlier token of its row may predict (on a
+synthetic task, only its answer tokens count). The loss is the mean over
+counted targets of the whole batch (for a series: the mean squared error over
+targets and features), also with gradient accumulation (micro-batches sum
+their losses and counts, then one division).
 """
 from collections.abc import Callable
 from typing import Any
@@ -23,25 +25,31 @@ Batch = dict[str, jax.Array]
 
 
 def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """tokens/positions [B, L+1] -> inputs, input positions, targets, target weights [B, L].
+  """tokens (or values)/positions [B, L+1] -> inputs, input positions, targets, target weights [B, L].
 
   On a synthetic task (the batch has an `answer` mask) only answer tokens count.
   """
-  tokens, positions = batch['tokens'], batch['positions']
+  rows, positions = batch['values'] if 'values' in batch else batch['tokens'], batch['positions']
   weights = positions[:, 1:] > 0
   if 'answer' in batch:
     weights &= batch['answer'][:, 1:]
-  return tokens[:, :-1], positions[:, :-1], tokens[:, 1:], weights.astype(jnp.float32)
+  return rows[:, :-1], positions[:, :-1], rows[:, 1:], weights.astype(jnp.float32)
 
 
 def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, carry: Any = None):
-  """logits [B, L, V], nats per target [B, L] (0 where not counted), the sums, the new carry."""
+  """outputs [B, L, V or F], loss per target [B, L] (0 where not counted), the sums, the new carry."""
   inputs, positions, targets, weights = split_batch(batch)
-  logits, carry = nnx.merge(graphdef, params)(inputs, positions, carry)  # [B, L, V] float32
-  nats = optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights
-  byte_weights = weights * (targets < ByteTokenizer.eos_id)
-  sums = dict(loss_sum=jnp.sum(nats), target_count=jnp.sum(weights), byte_count=jnp.sum(byte_weights))
-  return logits, nats, sums, carry
+  outputs, carry = nnx.merge(graphdef, params)(inputs, positions, carry)  # float32
+  if 'values' in batch:  # forecasting: squared and absolute error, averaged over the features
+    error = outputs - targets
+    losses = jnp.mean(jnp.square(error), axis=-1) * weights
+    sums = dict(loss_sum=jnp.sum(losses), target_count=jnp.sum(weights),
+                abs_error_sum=jnp.sum(jnp.mean(jnp.abs(error), axis=-1) * weights))
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(outputs, targets) * weights
+    byte_weights = weights * (targets < ByteTokenizer.eos_id)
+    sums = dict(loss_sum=jnp.sum(losses), target_count=jnp.sum(weights), byte_count=jnp.sum(byte_weights))
+  return outputs, losses, sums, carry
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch,
@@ -63,8 +71,8 @@ def _accumulated_grads(graphdef, params, batch: Batch, micro_batches: int, carry
     grads, (sums, _) = grad_fn(params, micro_batch, None)
     return jax.tree.map(jnp.add, total, (grads, sums)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, params), dict(loss_sum=0.0, target_count=0.0, byte_count=0.0)
-  zeros = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), zeros)
+  shapes = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), None))
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], shapes[1][0]))
   grads, sums = jax.lax.scan(add, zeros, micro)[0]
   return grads, (sums, None)
 
@@ -131,13 +139,13 @@ def make_eval_step(graphdef: nnx.GraphDef, num_buckets: int = 24) -> Callable:
   """(params, batch) -> dict of sums: loss_sum, target_count, byte_count; loss and count per
   context-length bucket; and, when the batch marks answer tokens, how many the argmax got right."""
   def eval_step(params: nnx.State, batch: Batch) -> dict:
-    logits, nats, sums, _ = _forward(graphdef, params, batch)
+    outputs, losses, sums, _ = _forward(graphdef, params, batch)
     _, _, targets, weights = split_batch(batch)
     bucket = position_bucket(context_lengths(batch['positions']), num_buckets).ravel()
-    sums['bucket_loss'] = jax.ops.segment_sum(nats.ravel(), bucket, num_buckets)
+    sums['bucket_loss'] = jax.ops.segment_sum(losses.ravel(), bucket, num_buckets)
     sums['bucket_count'] = jax.ops.segment_sum(weights.ravel(), bucket, num_buckets)
     if 'answer' in batch:  # weights are the answer tokens
-      sums['answer_correct'] = jnp.sum(weights * (jnp.argmax(logits, axis=-1) == targets))
+      sums['answer_correct'] = jnp.sum(weights * (jnp.argmax(outputs, axis=-1) == targets))
       sums['answer_count'] = jnp.sum(weights)
     return sums
   return eval_step

@@ -169,8 +169,8 @@ class _Loop:
     if step % config.eval_every == 0 or step == config.total_steps:
       record.update({f'eval_{k}': v for k, v in self.evaluator.scalars(state.params).items()})
       if self.is_lead:
-        logging.info('step %d eval: loss %.4f, %.3f bits/byte', step, record['eval_loss'],
-                     record['eval_bits_per_byte'])
+        logging.info('step %d eval: %s', step, ', '.join(f'{k[5:]} {v:.4f}' for k, v in record.items()
+                                                         if k in ('eval_loss', 'eval_bits_per_byte', 'eval_mae')))
       self.throughput.start(step)  # evaluation time is not training time
     if record:
       self.writer.write(step, record)

@@ -54,6 +54,7 @@ def base_config() -> ConfigDict:
       num_pairs=8,                   # mqar: key-value pairs per row
       depth=-1.0,                    # passkey: where the key sits (0..1; -1 = random)
       num_tokens=8,                  # selective_copy: letters to copy
+      features=1,                    # time series (name='mackey_glass'): channels; = model.input_features
   ))
   # Long-document streaming: row j of every batch continues its own document stream and the
   # model cache (memory tokens; 0 = seq_len) is carried from step to step (Transformer-XL).

@@ -25,6 +25,7 @@ from trainers.data import packing
 from trainers.data import sources
 from trainers.data import streaming
 from trainers.data import synthetic
+from trainers.data import timeseries
 from trainers.data import stats as stats_lib
 
 _ENDLESS = 1 << 62  # Rows per process: a grain range that never runs out.
@@ -121,8 +122,8 @@ class DataIterator:
 def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1) -> DataIterator:
   """The endless, checkpointable training batches of this process (see module docstring)."""
   _check_batching(config, process_index, process_count)
-  if config.dataset.name in synthetic.TASKS:
-    rows = synthetic.task_rows(config, 'train')
+  if config.dataset.name in synthetic.TASKS + timeseries.DATASETS:  # generated: endless, no corpus
+    rows = (synthetic.task_rows if config.dataset.name in synthetic.TASKS else timeseries.series_rows)(config, 'train')
     return DataIterator(rows, batch_size=config.batch_size, process_index=process_index,
                         process_count=process_count, num_threads=_dataset_field(config, 'num_threads', 4),
                         prefetch=_dataset_field(config, 'prefetch', 2), identity=rows.identity)
@@ -168,6 +169,11 @@ def make_eval_batches(config, *, split: str = 'validation', num_batches: int | N
   if config.dataset.name in synthetic.TASKS:  # endless: as many batches as asked (default: eval_batches)
     rows = synthetic.task_rows(config, split, seq_len)
     total = num_batches or config.get('eval_batches', 8)
+  elif config.dataset.name in timeseries.DATASETS:  # the validation windows, once
+    rows = timeseries.series_rows(config, split, seq_len)
+    total = math.ceil(rows.rows_per_epoch / batch_size)
+    if num_batches is not None:
+      total = min(total, num_batches)
   else:
     source = sources.open_split(config.dataset, split)
     split_stats = stats_lib.split_stats(source)
@@ -178,8 +184,8 @@ def make_eval_batches(config, *, split: str = 'validation', num_batches: int | N
       total = min(total, num_batches)
 
   def batches():
-    pad = {'tokens': np.full(seq_len + 1, packing.PAD_TOKEN, np.int32),
-           'positions': np.full(seq_len + 1, packing.PAD_POSITION, np.int32)}
+    pad = {key: np.zeros_like(value) for key, value in rows[0].items()}  # padding rows: position -1
+    pad['positions'][:] = packing.PAD_POSITION
     for k in range(total):
       first = k * batch_size + process_index * local
       got = [rows[r] if r < rows.rows_per_epoch else pad for r in range(first, first + local)]
@@ -190,7 +196,7 @@ def make_eval_batches(config, *, split: str = 'validation', num_batches: int | N
 
 def corpus_unigram_entropy_bits(config, split: str = 'train') -> float | None:
   """Entropy (bits/token) of the split's byte-token unigram distribution, EOS included
-  (None for a synthetic task, which has no corpus)."""
-  if config.dataset.name in synthetic.TASKS:
+  (None for a synthetic task or a time series, which have no corpus)."""
+  if config.dataset.name in synthetic.TASKS + timeseries.DATASETS:
     return None
   return stats_lib.split_stats(sources.open_split(config.dataset, split)).unigram_entropy_bits()
