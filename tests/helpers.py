@@ -4,6 +4,7 @@ import importlib
 import os
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -29,7 +30,7 @@ def random_tokens(shape: tuple[int, ...], vocab: int, seed: int = 0) -> jnp.ndar
   return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, size=shape), jnp.int32)
 
 
-def tiny_experiment(data_dir: str, **overrides) -> 'ml_collections.ConfigDict':
+def tiny_experiment(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   """The tiny Transformer experiment shrunk further for tests; data from the embedded corpus in data_dir."""
   from experiments.configs import transformer
   config = transformer.get_config('tiny')
@@ -52,7 +53,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 
                  if not os.path.basename(p).startswith(('_', 'common')))
 
 
-def family_tiny_config(name: str, data_dir, mesh: dict | None = None) -> 'ml_collections.ConfigDict':
+def family_tiny_config(name: str, data_dir, mesh: dict | None = None) -> ml_collections.ConfigDict:
   """experiments/configs/<name>.py:tiny in float32, with short rows, for CPU tests."""
   config = importlib.import_module(f'experiments.configs.{name}').get_config('tiny')
   config.model.dtype = 'float32'

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainers import data, steps, train_state
+from trainers import data, steps
 from trainers.experiment import Experiment
 from tests.helpers import packed_positions, random_tokens, tiny_experiment, tiny_model
 
