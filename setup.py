@@ -28,7 +28,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['architectures*', 'layers*', 'trainers*', 'experiments*']),
     install_requires=_CORE,
     extras_require={
-        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'matplotlib>=3.8'],
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'matplotlib>=3.8', 'nbclient>=0.10', 'nbformat>=5.10',
+                 'ipykernel>=6.29'],
         'plots': ['matplotlib>=3.8'],
         'gpu': ['jax[cuda13]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],
