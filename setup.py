@@ -28,8 +28,9 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['architectures*', 'layers*', 'trainers*', 'experiments*']),
     install_requires=_CORE,
     extras_require={
+        # jax[tpu] brings libtpu, with which the tests compile every family for real TPU topologies.
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'matplotlib>=3.8', 'nbclient>=0.10', 'nbformat>=5.10',
-                 'ipykernel>=6.29'],
+                 'ipykernel>=6.29', 'jax[tpu]>=0.10.2'],
         'plots': ['matplotlib>=3.8'],
         'gpu': ['jax[cuda13]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],

@@ -55,6 +55,19 @@ class ModelConfig:
     if not condition:
       raise ConfigError(f'config.model.{field}={getattr(self, field)!r}: {message}')
 
+  def check_positive(self, *fields: str) -> None:
+    for field in fields:
+      self.check(getattr(self, field) > 0, field, 'must be positive')
+
+  def check_heads(self) -> None:
+    """num_heads (and num_kv_heads, 0 = MHA) against dim, for configs with head_dim (0 = dim / num_heads)."""
+    if not self.head_dim:
+      self.check(self.dim % self.num_heads == 0, 'num_heads',
+                 f'does not divide config.model.dim={self.dim} (or set config.model.head_dim)')
+    self.check(self.num_kv_heads >= 0, 'num_kv_heads', 'must be >= 0')
+    kv_heads = self.num_kv_heads or self.num_heads
+    self.check(self.num_heads % kv_heads == 0, 'num_kv_heads', f'must divide config.model.num_heads={self.num_heads}')
+
   def check_dtype(self, field: str) -> None:
     try:
       jnp.dtype(getattr(self, field))
@@ -84,6 +97,10 @@ class SequenceModel(nnx.Module):
   """Base class: families implement __call__, init_cache and flops_per_token."""
 
   Config: ClassVar[type[ModelConfig]]
+  # False where left padding changes a row's result (block-recurrent windows are aligned to the
+  # row's token index, so padding moves the window boundaries): the sampler then decodes prompts
+  # of different lengths in separate batches.
+  left_padding_invariant: ClassVar[bool] = True
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     raise NotImplementedError

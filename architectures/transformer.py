@@ -47,14 +47,8 @@ class TransformerConfig(ModelConfig):
   remat: str = 'none'
 
   def __post_init__(self):
-    for field in ('vocab_size', 'num_layers', 'dim', 'num_heads', 'mlp_dim'):
-      self.check(getattr(self, field) > 0, field, 'must be positive')
-    if not self.head_dim:
-      self.check(self.dim % self.num_heads == 0, 'num_heads',
-                 f'does not divide config.model.dim={self.dim} (or set config.model.head_dim)')
-    self.check(self.num_kv_heads >= 0, 'num_kv_heads', 'must be >= 0')
-    self.check(self.kv_heads > 0 and self.num_heads % self.kv_heads == 0, 'num_kv_heads',
-               f'must divide config.model.num_heads={self.num_heads}')
+    self.check_positive('vocab_size', 'num_layers', 'dim', 'num_heads', 'mlp_dim')
+    self.check_heads()
     self.check(self.window >= 0, 'window', 'must be >= 0 (0 = global attention)')
     self.check(self.logits_soft_cap >= 0, 'logits_soft_cap', 'must be >= 0 (0 = none)')
     self.check(self.mlp_activation in ACTIVATIONS, 'mlp_activation', f'known: {sorted(ACTIVATIONS)}')

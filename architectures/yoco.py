@@ -84,8 +84,7 @@ class YOCOConfig(ModelConfig):
   runtime_fields: ClassVar[tuple[str, ...]] = ModelConfig.runtime_fields + ('retention_chunk_size',)
 
   def __post_init__(self):
-    for field in ('vocab_size', 'num_layers', 'dim', 'num_heads', 'mlp_dim', 'retention_chunk_size'):
-      self.check(getattr(self, field) > 0, field, 'must be positive')
+    self.check_positive('vocab_size', 'num_layers', 'dim', 'num_heads', 'mlp_dim', 'retention_chunk_size')
     self.check(self.num_layers >= 2, 'num_layers', 'YOCO needs at least one self- and one cross-decoder layer')
     self.check(0 <= self.num_self_layers < self.num_layers, 'num_self_layers',
                f'must be in [0, config.model.num_layers={self.num_layers}) (0 = half)')

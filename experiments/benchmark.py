@@ -2,6 +2,9 @@
 
   python -m experiments.benchmark --config=experiments/configs/transformer.py:150m --output=bench.json
   python -m experiments.benchmark --mode=decode --contexts=1024,4096,16384,65536 --config=... --output=decode.json
+  python -m experiments.benchmark --config=experiments/configs/griffin.py:bench --peer   # + recurrentgemma
+  python -m experiments.benchmark --config=experiments/configs/transformer.py:1b --num_devices=2 \
+      --config.mesh.fsdp=2 --config.batch_size=16                                     # FSDP over 2 GPUs
 
 `--mode=train`: compile time, the median step time of `--steps` timed steps
 (after `--warmup` untimed ones), tokens/s, MFU (MaxText-style FLOPs against
@@ -9,6 +12,10 @@ the chip's peak bf16 rate) and the device's peak memory.
 `--mode=decode`: for each context length, the prefill time of a prompt that
 long, the time per generated token after it (median over `--steps` tokens)
 and the exact decode-cache bytes.
+`--peer`: also times the family's peer (experiments/peers) at the same shape
+in the same run, and reports our tokens/s over the peer's.
+`--num_devices`: use the first N devices (default all); the config's mesh must
+cover them. `tokens_per_s_per_device` is what scaling efficiency compares.
 Needs no dataset: rows are random bytes packed as documents of random length.
 """
 import json
@@ -16,6 +23,9 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import jax
+
+from experiments.peers import benchmark_peer
 from trainers.logs import quiet_library_logs
 from trainers.measure import benchmark_decode, benchmark_train_step
 
@@ -24,6 +34,8 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed train steps after the compile.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON results.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'decode'], 'What to measure.')
+_PEER = flags.DEFINE_bool('peer', False, 'Train mode: also time the peer implementation (experiments/peers).')
+_NUM_DEVICES = flags.DEFINE_integer('num_devices', None, 'Train mode: use the first N devices (default: all).')
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '4096', '16384', '65536'], 'Decode: prompt lengths.')
 _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 1, 'Decode: sequences decoded together.')
 
@@ -33,8 +45,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
   if _MODE.value == 'train':
-    results = benchmark_train_step(_CONFIG.value, _STEPS.value, _WARMUP.value)
-    logging.info('%s', json.dumps({k: v for k, v in results.items() if k != 'step_s_all'}))
+    devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
+    results = benchmark_train_step(_CONFIG.value, _STEPS.value, _WARMUP.value, devices)
+    logging.info('%s', json.dumps({k: v for k, v in results.items() if k not in ('step_s_all', 'model')}))
+    if _PEER.value:
+      results['peer'] = benchmark_peer(_CONFIG.value, _STEPS.value, _WARMUP.value)
+      results['ratio_to_peer'] = results['tokens_per_s'] / results['peer']['tokens_per_s']
+      logging.info('peer: %s; ours / peer = %.2fx', json.dumps(results['peer']), results['ratio_to_peer'])
   else:
     results = benchmark_decode(_CONFIG.value, [int(c) for c in _CONTEXTS.value], _DECODE_BATCH.value, _STEPS.value)
   if _OUTPUT.value:

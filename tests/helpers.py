@@ -1,6 +1,7 @@
 """Small builders shared by the tests: tiny models and packed rows with several documents."""
 import glob
 import importlib
+import json
 import os
 
 import jax.numpy as jnp
@@ -51,6 +52,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every experiment config file: a new family is tested as soon as its config exists.
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments/configs/*.py'))
                  if not os.path.basename(p).startswith(('_', 'common')))
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of a run's metrics.jsonl."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
 
 
 def family_tiny_config(name: str, data_dir, mesh: dict | None = None) -> ml_collections.ConfigDict:

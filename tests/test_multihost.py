@@ -1,6 +1,7 @@
 """Multi-host training as 2 processes x 2 CPU devices on loopback (jax.distributed,
-gloo collectives) equals 1 process x 4 devices, also after both are killed and
-resumed. Tolerance: the processes' all-reduces go through gloo instead of one
+gloo collectives) equals 1 process x 4 devices, for the Transformer and a
+recurrent family (Hawk: RG-LRU state, conv), and for the Transformer also after
+both processes are killed and resumed. Tolerance: the processes' all-reduces go through gloo instead of one
 process's in-memory reduction, so sums may round differently: rtol 1e-5 on losses."""
 import json
 import os
@@ -55,14 +56,17 @@ def losses(workdir):
     return [json.loads(line)['loss'] for line in f if 'loss' in json.loads(line)]
 
 
-@pytest.mark.parametrize('config', ['experiments/configs/transformer.py:tiny'])
-def test_two_processes_equal_one_and_resume(config, data_dir, tmp_path):
+@pytest.mark.parametrize('config, kill', [('experiments/configs/transformer.py:tiny', True),
+                                          ('experiments/configs/hawk.py:tiny', False)])
+def test_two_processes_equal_one_and_resume(config, kill, data_dir, tmp_path):
   finish(launch(tmp_path / 'one', data_dir, config, processes=1, devices_per_process=4))
   finish(launch(tmp_path / 'two', data_dir, config, processes=2, devices_per_process=2))
   reference = losses(tmp_path / 'one')
   assert len(reference) == STEPS
   assert losses(tmp_path / 'two') == pytest.approx(reference, rel=1e-5)
   assert not (tmp_path / 'two' / 'eval.json').exists()
+  if not kill:
+    return
 
   # Kill both processes after step 6 (a checkpoint at 4), resume both, and still match.
   workdir = tmp_path / 'killed'

@@ -8,7 +8,8 @@ import pytest
 
 from trainers import data, steps
 from trainers.experiment import Experiment
-from tests.helpers import packed_positions, random_tokens, tiny_experiment, tiny_model
+from trainers.train_loop import train
+from tests.helpers import family_tiny_config, packed_positions, random_tokens, read_metrics, tiny_experiment, tiny_model
 
 
 def streaming_config(data_dir, **overrides):
@@ -72,3 +73,16 @@ def test_streaming_step_carries_the_cache_and_shards_it(data_dir):
 def test_streaming_refuses_gradient_accumulation(data_dir):
   with pytest.raises(ValueError, match=r'config\.grad_accum_steps=2: long-document streaming'):
     Experiment.build(streaming_config(data_dir, grad_accum_steps=2, batch_size=16))
+
+
+def test_block_recurrent_stream_resumes_exactly(data_dir, tmp_path):
+  """Issue 4's check: a stopped streaming run of the Block-Recurrent Transformer (recurrent state
+  and Transformer-XL caches carried across steps) continues with the same loss curve."""
+  config = family_tiny_config('block_recurrent', data_dir)
+  assert config.streaming.enabled
+  config.update(total_steps=8, log_every=1, eval_every=100, checkpoint_every=4)
+  train(config, str(tmp_path / 'straight'))
+  train(config, str(tmp_path / 'stopped'), stop_at=5)  # off the checkpoint interval
+  train(config, str(tmp_path / 'stopped'))
+  losses = [[r['loss'] for r in read_metrics(str(tmp_path / run))] for run in ('straight', 'stopped')]
+  assert len(losses[0]) == 8 and losses[1] == losses[0]

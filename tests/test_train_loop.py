@@ -16,14 +16,9 @@ from trainers.checkpoints import Checkpointer
 from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
 from trainers.train_loop import train
-from tests.helpers import packed_positions, random_tokens, tiny_experiment
+from tests.helpers import packed_positions, random_tokens, read_metrics, tiny_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
 
 
 def final_params(config, workdir):

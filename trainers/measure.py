@@ -33,8 +33,13 @@ def synthetic_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, n
   return dict(tokens=tokens, positions=positions)
 
 
-def benchmark_train_step(config, num_steps: int, warmup: int) -> dict:
-  exp = Experiment.build(config)
+def benchmark_train_step(config, num_steps: int, warmup: int, devices: list[jax.Device] | None = None) -> dict:
+  """Times the jitted train step on `devices` (default: all) with the mesh of `config.mesh`.
+
+  Every step sees the same batch, so `losses` (one per step, warm-up included) is a
+  loss curve that runs on different meshes must reproduce.
+  """
+  exp = Experiment.build(config, devices)
   with exp.activate():
     state = exp.new_state()
     batch = exp.device_batch(synthetic_batch(config.batch_size, config.seq_len))
@@ -44,13 +49,14 @@ def benchmark_train_step(config, num_steps: int, warmup: int) -> dict:
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    times = []
+    times, losses = [], []
     for i in range(warmup + num_steps):
       start = time.perf_counter()
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
       if i >= warmup:
         times.append(time.perf_counter() - start)
+      losses.append(float(metrics['loss']))
   step_s = statistics.median(times)
   tokens_per_s = config.batch_size * config.seq_len / step_s
   devices = list(exp.mesh.devices.flat)
@@ -60,10 +66,11 @@ def benchmark_train_step(config, num_steps: int, warmup: int) -> dict:
   return dict(
       model=config.model.to_dict(), batch_size=config.batch_size, seq_len=config.seq_len,
       devices=len(devices), device_kind=devices[0].device_kind, compile_s=compile_s, step_s=step_s,
-      step_s_all=times, tokens_per_s=tokens_per_s, train_flops_per_token=flops_per_token,
+      step_s_all=times, tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / len(devices),
+      train_flops_per_token=flops_per_token,
       mfu=None if peak is None else tokens_per_s * flops_per_token / (peak * len(devices)),
       peak_memory_bytes=max((m.get('peak_bytes_in_use', 0) for m in memory), default=0) or None,
-      final_loss=float(metrics['loss']))
+      losses=losses)
 
 
 def _timed(fn, *args):

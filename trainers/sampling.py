@@ -82,6 +82,12 @@ def generate(model: SequenceModel, prompts: Sequence[Sequence[int]], max_new_tok
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
     raise ValueError(f'need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got '
                      f'{temperature}, {top_p}, {top_k}, {max_new_tokens}')
+  lengths = sorted({len(p) for p in prompts})
+  if not model.left_padding_invariant and len(lengths) > 1:  # one batch per prompt length: no padding
+    by_length = {n: generate(model, [p for p in prompts if len(p) == n], max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, cache_dtype=cache_dtype)
+                 for n in lengths}
+    return [by_length[len(p)].pop(0) for p in prompts]
   tokens, positions = left_pad(prompts)
   graphdef, state = nnx.split(model)
   out = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed),

@@ -14,6 +14,6 @@ def get_config(size: str = 'tiny') -> ConfigDict:
     raise ValueError(f'unknown size {size!r}; known: {sorted(transformer.SIZES)}')
   config = base_config()
   fields = dict(transformer.SIZES[size], num_kv_heads=0)
-  config.model = model_config('aaren', vocab_size=384, chunk_size=16 if size == 'tiny' else 128, **fields)
+  config.model = model_config('aaren', **{'vocab_size': 384, 'chunk_size': 16 if size == 'tiny' else 128, **fields})
   transformer.training_fields(config, size)
   return config

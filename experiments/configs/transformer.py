@@ -2,6 +2,8 @@
 
   --config=experiments/configs/transformer.py:tiny   CPU, trains in about a minute
   --config=experiments/configs/transformer.py:150m   D=1024, 12 layers, 16 heads (153M parameters)
+  --config=experiments/configs/transformer.py:400m   D=1024, 24 layers, vocabulary 32768 (the PyTorch peer's 375M shape)
+  --config=experiments/configs/transformer.py:1b     D=2048, 16 layers, vocabulary 32768 (0.96B; multi-GPU scaling)
 """
 from ml_collections import ConfigDict
 
@@ -10,6 +12,8 @@ from experiments.configs.common import base_config, model_config
 SIZES = {
     'tiny': dict(num_layers=2, dim=128, num_heads=4, num_kv_heads=2, mlp_dim=384),
     '150m': dict(num_layers=12, dim=1024, num_heads=16, num_kv_heads=16, mlp_dim=2816),
+    '400m': dict(num_layers=24, dim=1024, num_heads=16, num_kv_heads=16, mlp_dim=2816, vocab_size=32768),
+    '1b': dict(num_layers=16, dim=2048, num_heads=16, num_kv_heads=16, mlp_dim=5632, vocab_size=32768),
 }
 
 
@@ -29,6 +33,6 @@ def get_config(size: str = 'tiny') -> ConfigDict:
   if size not in SIZES:
     raise ValueError(f'unknown size {size!r}; known: {sorted(SIZES)}')
   config = base_config()
-  config.model = model_config('transformer', vocab_size=384, **SIZES[size])
+  config.model = model_config('transformer', **{'vocab_size': 384, **SIZES[size]})
   training_fields(config, size)
   return config

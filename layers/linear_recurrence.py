@@ -1,0 +1,100 @@
+"""Diagonal linear recurrence h_t = a_t * h_{t-1} + x_t over the time axis.
+
+The core of the RG-LRU (and of any gated linear RNN with a per-channel decay).
+Inputs are [B, T, ...] with time on axis 1 and an initial state h_0 [B, ...];
+the result is every h_t and the last state. A zero a_t is a reset: nothing
+before t reaches h_t. Three implementations behind `impl`, equal up to
+float rounding (values and gradients, by autodiff):
+
+  'sequential'   jax.lax.scan over T (the reference; `unroll` steps per iteration)
+  'associative'  jax.lax.associative_scan with (a1, x1) . (a2, x2) = (a1 a2, a2 x1 + x2),
+                 log-depth (Blelloch 1990; Martin & Cundy 2018)
+  'chunked'      T split into chunks of `chunk_size`: an associative scan inside
+                 each chunk from a zero state, then a short lax.scan over the chunks
+                 carries the state (h = h_local + (prod of a inside the chunk) * h_in).
+                 T need not divide: the tail is padded with a = 1, x = 0, which
+                 leave the state as it is.
+
+'auto' picks one for the backend (resolve_impl). Computation happens in the
+dtype the inputs promote to; the RG-LRU passes float32.
+"""
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ('sequential', 'associative', 'chunked', 'auto')
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto': associative on GPU (fastest measured on an H200, REFERENCES.md §2), sequential elsewhere
+  (cheapest to compile on CPU; the Griffin paper found a linear scan faster on TPU)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'unknown linear recurrence impl {impl!r}; known: {IMPLEMENTATIONS}')
+  if impl == 'auto':
+    return 'associative' if jax.default_backend() == 'gpu' else 'sequential'
+  return impl
+
+
+def _combine(left: tuple[jax.Array, jax.Array], right: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Composes h -> a_l h + x_l, then h -> a_r h + x_r."""
+  a_left, x_left = left
+  a_right, x_right = right
+  return a_left * a_right, a_right * x_left + x_right
+
+
+def _sequential(a: jax.Array, x: jax.Array, h0: jax.Array, unroll: int) -> tuple[jax.Array, jax.Array]:
+  def step(h, inputs):
+    a_t, x_t = inputs
+    h = a_t * h + x_t
+    return h, h
+
+  last, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(x, 1, 0)), unroll=unroll)
+  return jnp.moveaxis(h, 0, 1), last
+
+
+def _associative(a: jax.Array, x: jax.Array, h0: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x = x.at[:, 0].add(a[:, 0] * h0)  # h_0' = a_0 h_0 + x_0: the initial state folded into the first input
+  _, h = jax.lax.associative_scan(_combine, (a, x), axis=1)
+  return h, h[:, -1]
+
+
+def _chunked(a: jax.Array, x: jax.Array, h0: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+  batch, length, *rest = a.shape
+  chunk_size = min(chunk_size, length)
+  num_chunks = -(-length // chunk_size)
+  pad = num_chunks * chunk_size - length
+  if pad:
+    widths = [(0, 0), (0, pad)] + [(0, 0)] * len(rest)
+    a = jnp.pad(a, widths, constant_values=1)
+    x = jnp.pad(x, widths)
+  a = a.reshape(batch, num_chunks, chunk_size, *rest)
+  x = x.reshape(batch, num_chunks, chunk_size, *rest)
+  decay, local = jax.lax.associative_scan(_combine, (a, x), axis=2)  # within chunks, from h = 0
+
+  def carry(h, chunk):
+    chunk_decay, chunk_last = chunk
+    return chunk_decay * h + chunk_last, h  # emits the state entering the chunk
+
+  last, entering = jax.lax.scan(carry, h0, (jnp.moveaxis(decay[:, :, -1], 1, 0), jnp.moveaxis(local[:, :, -1], 1, 0)))
+  h = local + decay * jnp.moveaxis(entering, 0, 1)[:, :, None]
+  return h.reshape(batch, num_chunks * chunk_size, *rest)[:, :length], last
+
+
+def linear_recurrence(a: jax.Array, x: jax.Array, h0: jax.Array | None = None, *, impl: str = 'chunked',
+                      chunk_size: int = 128, unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+  """a, x [B, T, ...], h0 [B, ...] or None (zeros) -> (h [B, T, ...], h_T [B, ...])."""
+  impl = resolve_impl(impl)
+  if a.shape != x.shape:
+    raise ValueError(f'a {a.shape} and x {x.shape} must have the same shape')
+  dtype = jnp.result_type(a, x) if h0 is None else jnp.result_type(a, x, h0)
+  a, x = a.astype(dtype), x.astype(dtype)
+  h0 = jnp.zeros((x.shape[0], *x.shape[2:]), dtype) if h0 is None else h0.astype(dtype)
+  if x.shape[1] == 1:  # one decode step: every form is this
+    h = a[:, 0] * h0 + x[:, 0]
+    return h[:, None], h
+  if impl == 'sequential':
+    return _sequential(a, x, h0, unroll)
+  if impl == 'associative':
+    return _associative(a, x, h0)
+  if chunk_size <= 0:
+    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+  return _chunked(a, x, h0, chunk_size)
