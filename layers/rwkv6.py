@@ -1,0 +1,208 @@
+"""RWKV-6 ("Finch") time-mix and channel-mix (Peng et al. 2024, REFERENCES.md §5).
+
+Time-mix, on x [B, T, D] with x_prev its token shift (layers/token_shift.py), dx = x_prev - x:
+
+    xx = x + dx * mu_x;   m_i = tanh(xx A_i) B_i          (LoRA, rank `mix_rank`, one per branch i)
+    x_i = x + dx * (mu_i + m_i)                           (data-dependent lerp, "ddlerp")
+    r, k, v = W_r x_r, W_k x_k, W_v x_v                   ([B, T, N, H]: N heads of H channels)
+    w = d + tanh(x_w A_w) B_w;  log w_t = -exp(w)         (data-dependent decay, rank `decay_rank`)
+    y = wkv(r, k, v, log w, u)                            (layers/wkv.py; per-head matrix state)
+
+then, by `variant`:
+
+  'finch'     (RWKV-6, tmix_x060): g = silu(W_g x_g); out = W_o(GroupNorm_heads(y) * g),
+              bonus u learned.
+  'finch_c2'  (GoldFinch's Finch-C2, tmix_x060c2): no gate, k <- k * (1 - w_t), u = 0, a second value
+              v2 = W_v x_v2 + tanh(x_v2 A) B (its own ddlerp; the same W_v); out = W_o(LayerNorm(y + v2))
+              with the LayerNorm over all heads together.
+
+Channel-mix (cmix_x060): k = relu(W_k lerp(x, x_prev, mu_k))^2 (width F = 3.5 D),
+out = sigmoid(W_r lerp(x, x_prev, mu_r)) * (W_v k).
+
+Initial values follow the reference (layer-dependent lerp and decay profiles,
+LoRA A = 0 and B ~ U(+-0.01), ln_x scale ((layer + 1) / L)^0.7, key and gate at
+a tenth of the usual scale). Padding (documents -1) is an identity step of the
+wkv (k = 0, w = 1) and a hole for the token shift, so it disturbs no state.
+"""
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from layers import sharding, token_shift
+from layers.conv1d import ConvState
+from layers.layer_norm import LayerNorm
+from layers.linear import Dense
+from layers.wkv import IMPLEMENTATIONS, wkv
+
+VARIANTS = ('finch', 'finch_c2')
+BRANCHES = {'finch': ('r', 'k', 'v', 'w', 'g'), 'finch_c2': ('r', 'k', 'v', 'w', 'v2')}
+
+
+# ---------------------------------------------------------------------------- initial values
+
+def layer_ratios(layer: int, num_layers: int) -> tuple[float, float]:
+  """(layer / (L - 1), 1 - layer / L): the reference's ratio_0_to_1 and ratio_1_to_almost0."""
+  return layer / max(num_layers - 1, 1), 1.0 - layer / num_layers
+
+
+def mix_profile(dim: int, power: float, offset: float = 0.0) -> np.ndarray:
+  """1 - ((i / D)^power + offset) for channel i: the reference's time_maa_* initial values."""
+  ddd = np.arange(dim, dtype=np.float64) / dim
+  return (1.0 - (ddd ** power + offset)).astype(np.float32)
+
+
+def constant(value: np.ndarray, names, dtype: jnp.dtype) -> nnx.Param:
+  """A parameter starting at `value` (a numpy array), with logical axis names."""
+  init = lambda key, shape, dtype: jnp.asarray(value, dtype).reshape(shape)
+  return nnx.Param(sharding.partitioned(init, names)(None, value.shape, dtype))
+
+
+def uniform(rngs: nnx.Rngs, shape, names, dtype: jnp.dtype, scale: float = 0.01) -> nnx.Param:
+  init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -scale, scale)
+  return nnx.Param(sharding.partitioned(init, names)(rngs.params(), shape, dtype))
+
+
+def zeros(shape, names, dtype: jnp.dtype) -> nnx.Param:
+  return nnx.Param(sharding.partitioned(nnx.initializers.zeros, names)(None, shape, dtype))
+
+
+def lora(x: jax.Array, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
+  """tanh(x A) B over the last axis of x; A [D, R], B [R, ...out]."""
+  h = jnp.tanh(jnp.einsum('...d,dr->...r', x.astype(dtype), a.astype(dtype)))
+  return jnp.tensordot(h, b.astype(dtype), axes=1)
+
+
+# ---------------------------------------------------------------------------- time-mix
+
+@flax.struct.dataclass
+class TimeMixCache:
+  shift: ConvState    # the last input (token shift) and its document
+  state: jax.Array    # [B, N, H, H] float32: the wkv state
+
+
+class TimeMix(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, head_dim: int, *, layer: int, num_layers: int,
+               variant: str = 'finch_c2', mix_rank: int = 32, decay_rank: int = 64, impl: str = 'chunked',
+               chunk_size: int = 64, out_init_scale: float = 1.0, dtype: jnp.dtype = jnp.float32,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    if variant not in VARIANTS:
+      raise ValueError(f'unknown RWKV-6 time-mix variant {variant!r}; known: {VARIANTS}')
+    if impl not in IMPLEMENTATIONS:
+      raise ValueError(f'unknown wkv impl {impl!r}; known: {IMPLEMENTATIONS}')
+    if num_heads * head_dim != dim:
+      raise ValueError(f'num_heads {num_heads} x head_dim {head_dim} must equal dim {dim}')
+    self.variant, self.impl, self.chunk_size = variant, impl, chunk_size
+    self.num_heads, self.head_dim = num_heads, head_dim
+    self.dtype = dtype
+    self.branches = BRANCHES[variant]
+    r0, r1 = layer_ratios(layer, num_layers)
+    pd = param_dtype
+    embed, heads = (sharding.EMBED,), (sharding.HEADS, sharding.HEAD_DIM)
+    profiles = dict(r=mix_profile(dim, 0.5 * r1), k=mix_profile(dim, r1), v=mix_profile(dim, r1, 0.3 * r0),
+                    w=mix_profile(dim, r1), g=mix_profile(dim, 0.5 * r1), v2=mix_profile(dim, r1, 0.3 * r0))
+    self.mix_x = constant(mix_profile(dim, r1), embed, pd)
+    self.mix = constant(np.stack([profiles[b] for b in self.branches]), (None, sharding.EMBED), pd)
+    num_branches = len(self.branches)
+    self.mix_lora_a = zeros((dim, num_branches, mix_rank), (sharding.EMBED, None, None), pd)
+    self.mix_lora_b = uniform(rngs, (num_branches, mix_rank, dim), (None, None, sharding.EMBED), pd)
+    n = np.arange(dim, dtype=np.float64) / (dim - 1)
+    self.decay = constant((-6 + 5 * n ** (0.7 + 1.3 * r0)).astype(np.float32).reshape(num_heads, head_dim), heads, pd)
+    self.decay_lora_a = zeros((dim, decay_rank), (sharding.EMBED, None), pd)
+    self.decay_lora_b = uniform(rngs, (decay_rank, num_heads, head_dim), (None, *heads), pd)
+    common = dict(dtype=dtype, param_dtype=pd, rngs=rngs)
+    names = (sharding.EMBED, *heads)
+    self.receptance = Dense(dim, (num_heads, head_dim), names=names, **common)
+    self.key = Dense(dim, (num_heads, head_dim), names=names, init_scale=0.01, **common)
+    self.value = Dense(dim, (num_heads, head_dim), names=names, **common)
+    self.output = Dense((num_heads, head_dim), dim, names=(*heads, sharding.EMBED), init_scale=out_init_scale,
+                        **common)
+    ln_scale = ((layer + 1) / num_layers) ** 0.7
+    if variant == 'finch':
+      zigzag = ((np.arange(dim) + 1) % 3 - 1) * 0.1
+      self.bonus = constant((r0 * (1 - n) + zigzag).astype(np.float32).reshape(num_heads, head_dim), heads, pd)
+      self.gate = Dense(dim, (num_heads, head_dim), names=names, init_scale=0.01, **common)
+      # GroupNorm over each head; eps as the reference's 1e-5 * head_size_divisor^2 (divisor 8).
+      self.ln_x = LayerNorm((num_heads, head_dim), eps=64e-5, group_axes=1, scale_init=ln_scale, param_dtype=pd)
+    else:
+      self.value2_lora_a = zeros((dim, decay_rank), (sharding.EMBED, None), pd)
+      self.value2_lora_b = uniform(rngs, (decay_rank, num_heads, head_dim), (None, *heads), pd)
+      self.ln_x = LayerNorm((num_heads, head_dim), eps=1e-5, scale_init=ln_scale, param_dtype=pd)
+
+  def init_cache(self, batch: int, dtype: jnp.dtype) -> TimeMixCache:
+    dim = self.num_heads * self.head_dim
+    return TimeMixCache(shift=token_shift.init_state(batch, dim, dtype),
+                        state=jnp.zeros((batch, self.num_heads, self.head_dim, self.head_dim), jnp.float32))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array,
+               cache: TimeMixCache | None = None) -> tuple[jax.Array, TimeMixCache | None]:
+    """x [B, T, D]; positions, documents [B, T] -> y [B, T, D], updated cache."""
+    heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
+    x_prev, shift = token_shift.token_shift(x, documents, None if cache is None else cache.shift)
+    dx = x_prev - x
+    mixes = self._branch_mixes(x, dx)
+    xs = {b: x + dx * mixes[i] for i, b in enumerate(self.branches)}
+    constrain = lambda a: sharding.constrain(a, heads)
+    r = constrain(self.receptance(xs['r']))
+    k = constrain(self.key(xs['k']))
+    v = constrain(self.value(xs['v']))
+    w = self.decay[...].astype(jnp.float32) + lora(xs['w'], self.decay_lora_a[...], self.decay_lora_b[...],
+                                                   self.dtype).astype(jnp.float32)
+    log_w = -jnp.exp(w)                                                     # [B, T, N, H] float32, <= 0
+    padding = (documents < 0)[..., None, None]
+    if self.variant == 'finch_c2':
+      k = k * (-jnp.expm1(log_w)).astype(k.dtype)                          # k * (1 - w_t)
+      u = None
+    else:
+      u = self.bonus[...]
+    k = jnp.where(padding, 0, k)
+    log_w = jnp.where(padding, 0.0, log_w)
+    reset = positions == 0
+    y, state = wkv(r, k, v, log_w, u, reset, None if cache is None else cache.state, impl=self.impl,
+                   chunk_size=self.chunk_size)
+    y = constrain(y.astype(self.dtype))
+    if self.variant == 'finch_c2':
+      v2 = self.value(xs['v2']) + lora(xs['v2'], self.value2_lora_a[...], self.value2_lora_b[...], self.dtype)
+      y = self.ln_x(y + v2)
+    else:
+      g = jax.nn.silu(self.gate(xs['g']))
+      y = self.ln_x(y) * g
+    out = self.output(constrain(y))
+    return out, (None if cache is None else TimeMixCache(shift=shift, state=state))
+
+  def _branch_mixes(self, x: jax.Array, dx: jax.Array) -> jax.Array:
+    """[M, B, T, D]: mu_i + tanh(lerp(x, x_prev, mu_x) A_i) B_i for each branch i."""
+    xx = x + dx * self.mix_x[...].astype(x.dtype)
+    h = jnp.tanh(jnp.einsum('btd,dmr->btmr', xx.astype(self.dtype), self.mix_lora_a[...].astype(self.dtype)))
+    m = jnp.einsum('btmr,mrd->mbtd', h, self.mix_lora_b[...].astype(self.dtype))
+    return (self.mix[...].astype(self.dtype)[:, None, None] + m).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------- channel-mix
+
+class ChannelMix(nnx.Module):
+
+  def __init__(self, dim: int, hidden_dim: int, *, layer: int, num_layers: int, out_init_scale: float = 1.0,
+               dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    _, r1 = layer_ratios(layer, num_layers)
+    self.dim = dim
+    self.mix_k = constant(mix_profile(dim, r1), (sharding.EMBED,), param_dtype)
+    self.mix_r = constant(mix_profile(dim, r1), (sharding.EMBED,), param_dtype)
+    common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.key = Dense(dim, hidden_dim, names=(sharding.EMBED, sharding.MLP), **common)
+    self.value = Dense(hidden_dim, dim, names=(sharding.MLP, sharding.EMBED), init_scale=out_init_scale, **common)
+    self.receptance = Dense(dim, dim, names=(sharding.EMBED, None), **common)
+
+  def init_cache(self, batch: int, dtype: jnp.dtype) -> ConvState:
+    return token_shift.init_state(batch, self.dim, dtype)
+
+  def __call__(self, x: jax.Array, documents: jax.Array,
+               cache: ConvState | None = None) -> tuple[jax.Array, ConvState | None]:
+    """x [B, T, D], documents [B, T] -> y [B, T, D], the token-shift state after the last token."""
+    x_prev, cache = token_shift.token_shift(x, documents, cache)
+    hidden = jnp.square(jax.nn.relu(self.key(token_shift.lerp(x, x_prev, self.mix_k[...].astype(x.dtype)))))
+    hidden = sharding.constrain(hidden, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_MLP))
+    gate = jax.nn.sigmoid(self.receptance(token_shift.lerp(x, x_prev, self.mix_r[...].astype(x.dtype))))
+    return gate * self.value(hidden), cache

@@ -1,0 +1,241 @@
+"""RWKV-6 wkv and the layers around it: the recurrent form is the equations of REFERENCES.md §5
+written out in numpy (with and without the bonus u, document resets, an initial state); the
+chunked form equals it in values and gradients (chunk sizes that do and do not divide T, one
+chunk, sub-chunks of one token; decays near 0 and near 1) and stays finite in bfloat16; the
+token shift resets at document starts and continues from its state; both time-mix variants
+(Finch with gate and bonus, Finch-C2 with k (1 - w) and a second value) equal a numpy
+transcription of their equations. Shapes are shared between tests to keep compiles few."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers import token_shift, wkv as ops
+from layers.documents import locate
+from layers.rwkv6 import TimeMix
+from tests.helpers import packed_positions
+from tests.test_gated_retention import random_params
+
+B, T, N, DK, DV = 2, 24, 2, 4, 3
+# Per-step log decays: w_t = exp(log_w) spread over (0, 1); w_t ~ 0.999; w_t ~ 1e-13 .. 0 (exp(-200)
+# underflows in float32, as exp(-exp(w)) does for a decay LoRA output w > 5.3).
+DECAYS = {'mixed': (-3.0, -0.01), 'near_one': (-2e-3, -1e-4), 'near_zero': (-200.0, -30.0)}
+
+
+def inputs(decays='mixed', seed=0, dtype=jnp.float32):
+  """r, k, log_w [B, T, N, DK], v [B, T, N, DV], bonus u [N, DK], reset [B, T], initial state [B, N, DK, DV].
+
+  Row 0 continues the initial state until documents start at 9 and 17; row 1 starts one at 0
+  (the state is dropped) and at 5."""
+  rng = np.random.default_rng(seed)
+  r, k = (rng.normal(size=(B, T, N, DK)) for _ in range(2))
+  v = rng.normal(size=(B, T, N, DV))
+  log_w = rng.uniform(*DECAYS[decays], size=(B, T, N, DK))
+  u = rng.normal(size=(N, DK))
+  reset = np.zeros((B, T), bool)
+  reset[0, [9, 17]] = True
+  reset[1, [0, 5]] = True
+  state = rng.normal(size=(B, N, DK, DV))
+  cast = lambda x: jnp.asarray(x, dtype)
+  return cast(r), cast(k), cast(v), jnp.asarray(log_w, jnp.float32), cast(u), jnp.asarray(reset), cast(state)
+
+
+def naive_wkv(r, k, v, log_w, u, reset, state):
+  """S_t = diag(w_t) S_{t-1} + k_t^T v_t, y_t = r_t (S_{t-1} + diag(u) k_t^T v_t), S_{t-1} := 0 at a reset."""
+  r, k, v, log_w, state = (np.asarray(x, np.float64) for x in (r, k, v, log_w, state))
+  u = np.zeros((N, DK)) if u is None else np.asarray(u, np.float64)
+  y = np.zeros((B, T, N, DV))
+  final = np.zeros_like(state)
+  for b in range(B):
+    for n in range(N):
+      s = state[b, n]
+      for t in range(T):
+        if reset[b, t]:
+          s = np.zeros_like(s)
+        kv = np.outer(k[b, t, n], v[b, t, n])                                  # k_t^T v_t [DK, DV]
+        y[b, t, n] = r[b, t, n] @ (s + np.diag(u[n]) @ kv)
+        s = np.diag(np.exp(log_w[b, t, n])) @ s + kv
+      final[b, n] = s
+  return y, final
+
+
+@pytest.mark.parametrize('bonus', [True, False], ids=['finch', 'finch_c2'])
+def test_recurrent_wkv_is_the_equations_written_out(bonus):
+  r, k, v, log_w, u, reset, state = inputs()
+  u = u if bonus else None  # Finch-C2: no bonus, so a token reaches only later outputs
+  y, final = ops.recurrent_wkv(r, k, v, log_w, u, reset, state)
+  y_ref, final_ref = naive_wkv(r, k, v, log_w, u, np.asarray(reset), state)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=1e-5)
+  if not bonus:  # y_t = r_t S_{t-1}: nothing of token t, so the first token of a document outputs 0
+    np.testing.assert_array_equal(y[1, 0], 0.0)
+
+
+# chunk 24 = T: one chunk, sub-chunks of 8 (gcd with 16); 8: three chunks of one sub-chunk;
+# 7: the tail padded, sub-chunks of one token; 12 with sub-chunks of 4: three sub-chunks per chunk.
+CHUNKS = [(24, 16), (8, 16), (7, 16), (12, 4)]
+
+
+@pytest.mark.parametrize('decays', sorted(DECAYS))
+def test_chunked_equals_recurrent_in_values(decays):
+  args = inputs(decays)
+  y_ref, final_ref = ops.recurrent_wkv(*args)
+  for chunk, sub in CHUNKS:
+    y, final = ops.chunked_wkv(*args, chunk_size=chunk, sub_chunk_size=sub)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=2e-5, err_msg=f'chunk {chunk}, sub {sub}')
+    np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=2e-5, err_msg=f'chunk {chunk}, sub {sub}')
+  no_bonus = args[:4] + (None,) + args[5:]  # Finch-C2, from a zero state
+  y, final = ops.chunked_wkv(*no_bonus[:-1], chunk_size=7)
+  y_ref, final_ref = ops.recurrent_wkv(*no_bonus[:-1])
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=2e-5)
+  np.testing.assert_allclose(final, final_ref, rtol=1e-5, atol=2e-5)
+
+
+@functools.cache
+def loss_grad(form, chunk_size=None, sub_chunk_size=16):
+  """Gradients of a scalar touching every output, sum(y * a) + sum(final * b) with fixed random a, b,
+  w.r.t. r, k, v, log_w, u, state (cached: one compile per form and chunking, shared by the decays)."""
+  kwargs = {} if chunk_size is None else dict(chunk_size=chunk_size, sub_chunk_size=sub_chunk_size)
+  rng = np.random.default_rng(3)
+  a, b = jnp.asarray(rng.normal(size=(B, T, N, DV))), jnp.asarray(rng.normal(size=(B, N, DK, DV)))
+
+  def loss(r, k, v, log_w, u, state, reset):
+    y, final = form(r, k, v, log_w, u, reset, state, **kwargs)
+    return jnp.sum(y * a) + jnp.sum(final * b)
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5)))
+
+
+@pytest.mark.parametrize('decays', sorted(DECAYS))
+def test_chunked_equals_recurrent_in_gradients(decays):
+  r, k, v, log_w, u, reset, state = inputs(decays, seed=1)
+  expected = loss_grad(ops.recurrent_wkv)(r, k, v, log_w, u, state, reset)
+  for chunk, sub in [(8, 16), (12, 4)]:
+    grads = loss_grad(ops.chunked_wkv, chunk, sub)(r, k, v, log_w, u, state, reset)
+    for name, g, g_ref in zip(('r', 'k', 'v', 'log_w', 'u', 'state'), grads, expected):
+      scale = float(jnp.max(jnp.abs(g_ref))) + 1.0
+      np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=2e-5 * scale, err_msg=f'd/d{name}, chunk {chunk}')
+
+
+def test_bfloat16_inputs_stay_finite_and_close():
+  """bf16 r, k, v, u, state (the model's compute dtype); the wkv accumulates in float32 either way."""
+  r, k, v, log_w, u, reset, state = inputs('near_zero', dtype=jnp.bfloat16)
+  y, final = ops.chunked_wkv(r, k, v, log_w, u, reset, state, chunk_size=8)
+  assert y.dtype == final.dtype == jnp.float32
+  y_ref, final_ref = ops.recurrent_wkv(r, k, v, log_w, u, reset, state)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4)
+  grads = loss_grad(ops.chunked_wkv, 8)(r, k, v, log_w, u, state, reset)
+  assert all(g.dtype == x.dtype and bool(jnp.all(jnp.isfinite(g))) for g, x in zip(grads, (r, k, v, log_w, u, state)))
+
+
+def test_wkv_dispatch_one_token_is_a_step():
+  r, k, v, log_w, u, reset, state = inputs()
+  y_ref, final_ref = ops.recurrent_wkv(r[:, :3], k[:, :3], v[:, :3], log_w[:, :3], u, reset[:, :3], state)
+  y, s = ops.wkv(r[:, :2], k[:, :2], v[:, :2], log_w[:, :2], u, reset[:, :2], state, impl='chunked', chunk_size=8)
+  y3, s = ops.wkv(r[:, 2:3], k[:, 2:3], v[:, 2:3], log_w[:, 2:3], u, reset[:, 2:3], s, impl='chunked')
+  np.testing.assert_allclose(jnp.concatenate([y, y3], axis=1), y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s, final_ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='unknown wkv impl'):
+    ops.wkv(r, k, v, log_w, u, reset, impl='pallas')
+
+
+# --- token shift ------------------------------------------------------------------------------------
+
+POSITIONS = packed_positions([[5, 7], [12]], pad_to=14)  # row 0: a document starts at 5; both padded at 12, 13
+
+
+def test_token_shift_resets_at_document_starts_and_continues_from_its_state():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 14, 3)), jnp.float32)
+  _, documents, _ = locate(POSITIONS)
+  shift = jax.jit(token_shift.token_shift)
+  x_prev, none = shift(x, documents)
+  assert none is None
+  expected = np.concatenate([np.zeros((2, 1, 3)), np.asarray(x[:, :-1])], axis=1)
+  expected[0, 5] = 0.0  # a document start sees nothing before it
+  expected[:, 12:] = 0.0  # padding neither shifts in nor is shifted in
+  np.testing.assert_array_equal(x_prev, expected)
+  # In pieces, with the state: the same predecessors (the state carries the last input and its document).
+  state = token_shift.init_state(2, 3, jnp.float32)
+  pieces = []
+  for start, stop in [(0, 5), (5, 10), (10, 14)]:  # a document starts the second piece; the third continues one
+    piece, state = shift(x[:, start:stop], documents[:, start:stop], state)
+    pieces.append(piece)
+  np.testing.assert_array_equal(jnp.concatenate(pieces, axis=1), expected)
+  np.testing.assert_array_equal(token_shift.lerp(x, x_prev, 0.25), x + (x_prev - x) * 0.25)
+
+
+# --- time-mix against its equations ---------------------------------------------------------------
+
+D, HEADS, HEAD = 8, 2, 4
+
+
+def layer_norm(x, scale, bias, axes, eps):
+  mean = x.mean(axis=axes, keepdims=True)
+  var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def naive_time_mix(p, x, positions, variant):
+  """REFERENCES.md §5, Finch (RWKV-6) or Finch-C2, in float64 numpy from the layer's parameters."""
+  x = np.asarray(x, np.float64)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  _, documents, _ = locate(positions)
+  documents = np.asarray(documents)
+  x_prev = np.zeros_like(x)
+  for b in range(x.shape[0]):
+    for t in range(1, x.shape[1]):
+      if documents[b, t] == documents[b, t - 1] >= 0:
+        x_prev[b, t] = x[b, t - 1]
+  dx = x_prev - x
+  xx = x + dx * p['mix_x']
+  branches = ('r', 'k', 'v', 'w', 'g') if variant == 'finch' else ('r', 'k', 'v', 'w', 'v2')
+  xs = {name: x + dx * (p['mix'][i] + np.tanh(xx @ p['mix_lora_a'][:, i]) @ p['mix_lora_b'][i])
+        for i, name in enumerate(branches)}
+  proj = lambda name, h: np.einsum('btd,dnh->btnh', h, p[name]['kernel'])
+  r, k, v = proj('receptance', xs['r']), proj('key', xs['k']), proj('value', xs['v'])
+  w = np.exp(-np.exp(p['decay'] + np.einsum('btr,rnh->btnh', np.tanh(xs['w'] @ p['decay_lora_a']),
+                                            p['decay_lora_b'])))  # w_t in (0, 1)
+  pad = (documents < 0)[..., None, None]
+  u = p['bonus'] if variant == 'finch' else None
+  if variant == 'finch_c2':
+    k = k * (1 - w)
+  k, w = np.where(pad, 0.0, k), np.where(pad, 1.0, w)
+  reset = np.asarray(positions) == 0
+  y = np.zeros_like(v)
+  for b in range(x.shape[0]):
+    for n in range(HEADS):
+      s = np.zeros((HEAD, HEAD))
+      for t in range(x.shape[1]):
+        s = 0 * s if reset[b, t] else s
+        kv = np.outer(k[b, t, n], v[b, t, n])
+        y[b, t, n] = r[b, t, n] @ (s + (0 if u is None else np.diag(u[n]) @ kv))
+        s = np.diag(w[b, t, n]) @ s + kv
+  ln = p['ln_x']
+  if variant == 'finch':
+    g = proj('gate', xs['g'])
+    y = layer_norm(y, ln['scale'], ln['bias'], (-1,), 64e-5) * g / (1 + np.exp(-g))  # GroupNorm(y) * silu(g)
+  else:
+    v2 = proj('value', xs['v2']) + np.einsum('btr,rnh->btnh', np.tanh(xs['v2'] @ p['value2_lora_a']),
+                                             p['value2_lora_b'])
+    y = layer_norm(y + v2, ln['scale'], ln['bias'], (-2, -1), 1e-5)
+  return np.einsum('btnh,nhd->btd', y, p['output']['kernel'])
+
+
+@pytest.mark.parametrize('variant', ['finch', 'finch_c2'])
+def test_time_mix_follows_its_equations_and_decodes_as_one_pass(variant):
+  mix = random_params(lambda: TimeMix(D, HEADS, HEAD, layer=1, num_layers=3, variant=variant, mix_rank=3,
+                                      decay_rank=5, chunk_size=8, rngs=nnx.Rngs(0)))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 14, D)), jnp.float32)
+  _, documents, _ = locate(POSITIONS)
+  run = nnx.jit(lambda m, x, positions, documents, cache: m(x, positions, documents, cache))
+  y, _ = run(mix, x, POSITIONS, documents, None)
+  expected = naive_time_mix(nnx.to_pure_dict(nnx.state(mix, nnx.Param)), x, POSITIONS, variant)
+  np.testing.assert_allclose(y[:, :12], expected[:, :12], rtol=1e-4, atol=1e-4)  # outputs at padding mean nothing
+  cache, pieces = mix.init_cache(2, jnp.float32), []
+  for start, stop in [(0, 7), (7, 14)]:  # the second continues a document across the call (and one starts at 5)
+    piece, cache = run(mix, x[:, start:stop], POSITIONS[:, start:stop], documents[:, start:stop], cache)
+    pieces.append(piece)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1)[:, :12], y[:, :12], rtol=1e-5, atol=1e-5)
