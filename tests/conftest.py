@@ -1,9 +1,16 @@
 """Test setup: 8 fake CPU devices, set before JAX starts (DESIGN.md, "Sharding")."""
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # TPU compile tests in several pytest workers
+# One persistent compilation cache per test run, shared by the xdist workers and the subprocesses
+# the tests launch (the environment carries it): the many identical tiny programs compile once.
+_RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getpid()))
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), f'seqarch-jax-cache-{_RUN}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import pytest  # noqa: E402
 

@@ -52,6 +52,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every experiment config file: a new family is tested as soon as its config exists.
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments/configs/*.py'))
                  if not os.path.basename(p).startswith(('_', 'common')))
+# One config per model class (the config file named after its family): the expensive whole-step
+# tests (sharded training, sampling, TPU compilation) run once per code path, not once per preset.
+FAMILY_CONFIGS = [name for name in CONFIGS if name in architectures.families()]
 
 
 def read_metrics(workdir: str) -> list[dict]:

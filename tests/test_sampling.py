@@ -9,7 +9,7 @@ from flax import nnx
 
 from trainers.experiment import Experiment
 from trainers.sampling import generate, sample_logits
-from tests.helpers import CONFIGS, family_tiny_config, tiny_model
+from tests.helpers import FAMILY_CONFIGS, family_tiny_config, tiny_model
 
 PROMPTS = [[72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100], [100, 101, 102], [10, 32, 32, 35, 1, 2, 3, 4]]
 NEW = 7
@@ -29,7 +29,7 @@ def greedy_by_forward_passes(model, prompt, steps):
   return tokens[len(prompt):]
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('name', FAMILY_CONFIGS)
 def test_greedy_equals_forward_argmax_and_batching_changes_nothing(name, data_dir):
   model = family_model(name, data_dir)
   batched = generate(model, PROMPTS, NEW, cache_dtype=jnp.float32)

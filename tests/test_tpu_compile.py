@@ -6,7 +6,7 @@ import pytest
 
 from trainers.experiment import Experiment
 from trainers.tpu_compile import HBM_BYTES, compile_decode_step, compile_report, compile_train_step, topology_devices
-from tests.helpers import CONFIGS, family_tiny_config
+from tests.helpers import FAMILY_CONFIGS, family_tiny_config
 
 TOPOLOGY = 'v5e:2x4'
 MESH = dict(data=2, fsdp=2, tensor=2)
@@ -17,7 +17,7 @@ def test_topology_gives_abstract_tpu_chips():
   assert len(devices) == 8 and 'TPU' in devices[0].device_kind and devices[0].platform == 'tpu'
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('name', FAMILY_CONFIGS)
 def test_family_compiles_for_tpu_with_the_rules_shardings(name, data_dir):
   config = family_tiny_config(name, data_dir, MESH)
   config.model.dtype = 'bfloat16'
