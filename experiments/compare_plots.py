@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 def _plot(path: str, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], *,
           logx: bool = False, logy: bool = False) -> None:
   figure, axes = plt.subplots(figsize=(7, 4.5))
-  for name, (xs, ys) in series.items():
-    axes.plot(xs, ys, marker='o' if len(xs) < 30 else None, markersize=3, label=name)
+  colors = plt.get_cmap('tab20').colors  # 20 distinct colours: no two families share one
+  for i, (name, (xs, ys)) in enumerate(series.items()):
+    axes.plot(xs, ys, marker='o' if len(xs) < 30 else None, markersize=3, label=name, color=colors[2 * i % 20 + i // 10])
   axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
   if logx:
     axes.set_xscale('log', base=2)
