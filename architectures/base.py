@@ -59,15 +59,6 @@ class ModelConfig:
     for field in fields:
       self.check(getattr(self, field) > 0, field, 'must be positive')
 
-  def check_heads(self) -> None:
-    """num_heads (and num_kv_heads, 0 = MHA) against dim, for configs with head_dim (0 = dim / num_heads)."""
-    if not self.head_dim:
-      self.check(self.dim % self.num_heads == 0, 'num_heads',
-                 f'does not divide config.model.dim={self.dim} (or set config.model.head_dim)')
-    self.check(self.num_kv_heads >= 0, 'num_kv_heads', 'must be >= 0')
-    kv_heads = self.num_kv_heads or self.num_heads
-    self.check(self.num_heads % kv_heads == 0, 'num_kv_heads', f'must divide config.model.num_heads={self.num_heads}')
-
   def check_dtype(self, field: str) -> None:
     try:
       jnp.dtype(getattr(self, field))
@@ -91,6 +82,25 @@ def mean_visible_keys(seq_len: int, window: int) -> float:
   """Average number of keys a causal query sees in a row of seq_len (window 0 = global)."""
   seen = np.minimum(np.arange(1, seq_len + 1), window if window else seq_len)
   return float(seen.mean())
+
+
+class AttentionHeads:
+  """Mixin for configs with dim, num_heads, num_kv_heads (0 = MHA) and head_dim (0 = dim / num_heads)."""
+
+  def check_heads(self) -> None:
+    if not self.head_dim:
+      self.check(self.dim % self.num_heads == 0, 'num_heads',
+                 f'does not divide config.model.dim={self.dim} (or set config.model.head_dim)')
+    self.check(self.num_kv_heads >= 0, 'num_kv_heads', 'must be >= 0')
+    self.check(self.num_heads % self.kv_heads == 0, 'num_kv_heads', f'must divide config.model.num_heads={self.num_heads}')
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def heads_dim(self) -> int:
+    return self.head_dim or self.dim // self.num_heads
 
 
 class SequenceModel(nnx.Module):

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from architectures import registry
-from architectures.base import ModelCache, ModelConfig, SequenceModel
+from architectures.base import AttentionHeads, ModelCache, ModelConfig, SequenceModel
 from layers import sharding, stack
 from layers.block_recurrent import GATES, VARIANTS, BlockRecurrentCell, RecurrentState
 from layers.documents import Cursor, locate
@@ -36,7 +36,7 @@ from layers.windowed_attention import POSITIONS, SPANS, Layout, WindowedAttentio
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockRecurrentConfig(ModelConfig):
+class BlockRecurrentConfig(AttentionHeads, ModelConfig):
   vocab_size: int = 384
   num_layers: int = 3
   dim: int = 64
@@ -90,14 +90,6 @@ class BlockRecurrentConfig(ModelConfig):
     self.check(self.remat in stack.REMAT_POLICIES, 'remat', f'known: {sorted(stack.REMAT_POLICIES)}')
     self.check_dtype('dtype')
     self.check_dtype('param_dtype')
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
-
-  @property
-  def heads_dim(self) -> int:
-    return self.head_dim or self.dim // self.num_heads
 
   @property
   def recurrent_indices(self) -> tuple[int, ...]:

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from architectures import registry
-from architectures.base import ModelCache, ModelConfig, SequenceModel, mean_visible_keys, stack_layer_caches
+from architectures.base import (AttentionHeads, ModelCache, ModelConfig, SequenceModel, mean_visible_keys,
+                                stack_layer_caches)
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
 from layers.documents import Cursor, locate
@@ -24,7 +25,7 @@ from layers.rope import STYLES, rotary_dims
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig(ModelConfig):
+class TransformerConfig(AttentionHeads, ModelConfig):
   vocab_size: int = 384
   num_layers: int = 2
   dim: int = 64
@@ -62,14 +63,6 @@ class TransformerConfig(ModelConfig):
       rotary_dims(self.heads_dim, self.rope_fraction)
     except ValueError as e:
       self.check(False, 'rope_fraction', str(e))
-
-  @property
-  def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
-
-  @property
-  def heads_dim(self) -> int:
-    return self.head_dim or self.dim // self.num_heads
 
 
 class Block(nnx.Module):
