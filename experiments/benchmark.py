@@ -5,6 +5,7 @@
   python -m experiments.benchmark --config=experiments/configs/griffin.py:bench --peer   # + recurrentgemma
   python -m experiments.benchmark --config=experiments/configs/transformer.py:1b --num_devices=2 \
       --config.mesh.fsdp=2 --config.batch_size=16                                     # FSDP over 2 GPUs
+  python -m experiments.benchmark --mode=op --op=wkv --op_shape=8,2048,16,64 --peer  # + fla chunk_rwkv6
 
 `--mode=train`: compile time, the median step time of `--steps` timed steps
 (after `--warmup` untimed ones), tokens/s, MFU (MaxText-style FLOPs against
@@ -12,6 +13,8 @@ the chip's peak bf16 rate) and the device's peak memory.
 `--mode=decode`: for each context length, the prefill time of a prompt that
 long, the time per generated token after it (median over `--steps` tokens)
 and the exact decode-cache bytes.
+`--mode=op`: forward + backward time of one operator (trainers/measure_ops.py)
+at `--op_shape` = B,T,H,D; no config needed.
 `--peer`: also times the family's peer (experiments/peers) at the same shape
 in the same run, and reports our tokens/s over the peer's.
 `--num_devices`: use the first N devices (default all); the config's mesh must
@@ -19,32 +22,52 @@ cover them. `tokens_per_s_per_device` is what scaling efficiency compares.
 Needs no dataset: rows are random bytes packed as documents of random length.
 """
 import json
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
 
-from experiments.peers import benchmark_peer
+from experiments.peers import benchmark_operator_peer, benchmark_peer
 from trainers.logs import quiet_library_logs
 from trainers.measure import benchmark_decode, benchmark_train_step
+from trainers.measure_ops import OPERATORS, benchmark_operator
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed train steps after the compile.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'decode'], 'What to measure.')
-_PEER = flags.DEFINE_bool('peer', False, 'Train mode: also time the peer implementation (experiments/peers).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'decode', 'op'], 'What to measure.')
+_PEER = flags.DEFINE_bool('peer', False, 'Train and op modes: also time the peer (experiments/peers).')
 _NUM_DEVICES = flags.DEFINE_integer('num_devices', None, 'Train mode: use the first N devices (default: all).')
 _CONTEXTS = flags.DEFINE_list('contexts', ['1024', '4096', '16384', '65536'], 'Decode: prompt lengths.')
 _DECODE_BATCH = flags.DEFINE_integer('decode_batch', 1, 'Decode: sequences decoded together.')
+_OP = flags.DEFINE_enum('op', 'wkv', sorted(OPERATORS), 'Op mode: the operator.')
+_OP_SHAPE = flags.DEFINE_list('op_shape', ['8', '2048', '16', '64'], 'Op mode: batch, length, heads, head dim.')
+
+
+def _operator_results() -> dict:
+  if len(_OP_SHAPE.value) != 4:
+    raise app.UsageError(f'--op_shape={",".join(_OP_SHAPE.value)} must be 4 integers: B,T,H,D')
+  shape = [int(n) for n in _OP_SHAPE.value]
+  results = benchmark_operator(_OP.value, *shape, _STEPS.value)
+  if _PEER.value:
+    results['peer'] = benchmark_operator_peer(_OP.value, *shape, _STEPS.value)
+    results['ratio_to_peer'] = results['fwd_bwd_s'] / results['peer']['fwd_bwd_s']
+  logging.info('%s', json.dumps(results))
+  return results
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
-  if _MODE.value == 'train':
+  if _PEER.value:  # a PyTorch peer shares the GPU with this process: JAX must not take 75% of it up front
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  if _MODE.value == 'op':
+    results = _operator_results()
+  elif _MODE.value == 'train':
     devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
     results = benchmark_train_step(_CONFIG.value, _STEPS.value, _WARMUP.value, devices)
     logging.info('%s', json.dumps({k: v for k, v in results.items() if k not in ('step_s_all', 'model')}))
@@ -60,5 +83,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('config')
+  flags.register_validator('config', lambda c: c is not None or _MODE.value == 'op',
+                           '--config is required except with --mode=op')
   app.run(main)

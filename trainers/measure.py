@@ -39,16 +39,20 @@ def benchmark_train_step(config, num_steps: int, warmup: int, devices: list[jax.
   Every step sees the same batch, so `losses` (one per step, warm-up included) is a
   loss curve that runs on different meshes must reproduce.
   """
+  started = time.perf_counter()
   exp = Experiment.build(config, devices)
   with exp.activate():
     state = exp.new_state()
     batch = exp.device_batch(synthetic_batch(config.batch_size, config.seq_len))
+    jax.block_until_ready(state)
+    logging.info('state on %d devices after %.1f s', exp.mesh.size, time.perf_counter() - started)
     step = jax.jit(steps.make_train_step(exp.graphdef, exp.tx, exp.schedule, config.get('grad_accum_steps', 1)),
                    in_shardings=(exp.state_shardings, exp.batch_sharding),
                    out_shardings=(exp.state_shardings, None), donate_argnums=0)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
+    logging.info('compiled in %.1f s', compile_s)
     times, losses = [], []
     for i in range(warmup + num_steps):
       start = time.perf_counter()

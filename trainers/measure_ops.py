@@ -1,0 +1,68 @@
+"""Forward+backward time of one sequence-mixing operator on random inputs (benchmark.py --mode=op).
+
+  wkv              RWKV-6 wkv, chunked form (layers/wkv.py); peer: flash-linear-attention chunk_rwkv6
+  gated_retention  YOCO's gated retention, chunked form (layers/gated_retention_ops.py)
+
+Inputs are [B, T, H, D] in bf16 with float32 decays, one document per row (no
+reset inside, as the peer's dense call); the timed function is the jitted
+gradient of <y, dy> with respect to every input, i.e. forward + backward.
+"""
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from layers.gated_retention_ops import chunked_retention
+from layers.wkv import chunked_wkv
+
+
+def _wkv_inputs(key, batch: int, seq_len: int, heads: int, head_dim: int) -> tuple:
+  kr, kk, kv, kw, ku = jax.random.split(key, 5)
+  shape = (batch, seq_len, heads, head_dim)
+  r, k, v = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kr, kk, kv))
+  log_w = jax.nn.log_sigmoid(jax.random.normal(kw, shape, jnp.float32))             # [B, T, H, D], <= 0
+  u = jax.random.normal(ku, (heads, head_dim), jnp.float32)
+  return r, k, v, log_w, u
+
+
+def _retention_inputs(key, batch: int, seq_len: int, heads: int, head_dim: int) -> tuple:
+  kq, kk, kv, kg = jax.random.split(key, 4)
+  shape = (batch, seq_len, heads, head_dim)
+  q, k, v = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kk, kv))
+  log_decay = jax.nn.log_sigmoid(jax.random.normal(kg, (batch, seq_len, heads), jnp.float32) + 4.0)  # [B, T, H]
+  return q, k, v, log_decay
+
+
+def _no_reset(x: jax.Array) -> jax.Array:
+  return jnp.zeros(x.shape[:2], bool)                                               # [B, T]
+
+
+OPERATORS: dict[str, tuple[Callable, Callable]] = {
+    'wkv': (_wkv_inputs, lambda r, k, v, w, u: chunked_wkv(r, k, v, w, u, _no_reset(r))[0]),
+    'gated_retention': (_retention_inputs,
+                        lambda q, k, v, g: chunked_retention(q, k, v, g, _no_reset(q), chunk_size=64)[0]),
+}
+
+
+def benchmark_operator(name: str, batch: int, seq_len: int, heads: int, head_dim: int, num_steps: int) -> dict:
+  """Median seconds of a jitted forward + backward of operator `name` at [B, T, H, D]."""
+  if name not in OPERATORS:
+    raise ValueError(f'unknown operator {name!r}; known: {sorted(OPERATORS)}')
+  make_inputs, forward = OPERATORS[name]
+  inputs = make_inputs(jax.random.key(0), batch, seq_len, heads, head_dim)
+  y = jax.eval_shape(forward, *inputs)
+  dy = jax.random.normal(jax.random.key(1), y.shape, jnp.float32)
+  grad = jax.jit(jax.grad(lambda args: jnp.vdot(forward(*args), dy)))
+  start = time.perf_counter()
+  compiled = grad.lower(inputs).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(inputs))
+  times = []
+  for _ in range(num_steps):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(inputs))
+    times.append(time.perf_counter() - start)
+  return dict(operator=name, batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim,
+              device_kind=jax.devices()[0].device_kind, compile_s=compile_s, fwd_bwd_s=statistics.median(times))
