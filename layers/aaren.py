@@ -13,8 +13,9 @@ weighted values), leaf (s_j, 1, v_j), combine (eq. 5-6 of the paper)
 
 and o_t = w_t / u_t. Three forms compute one function: `scan` (a segmented
 jax.lax.associative_scan; a document start begins a new segment), `chunked`
-(dense masked weights inside chunks of `chunk_size`, a scan carrying (m, u, w)
-across chunks: matmuls for the accelerator) and the recurrent cell used for
+(dense masked weights inside all chunks of `chunk_size` at once: matmuls for
+the accelerator; then only the chunks' summaries are scanned, carrying (m, u, w)
+from chunk to chunk) and the recurrent cell used for
 decoding with a state of constant size. Padding (position -1) adds nothing.
 """
 import flax.struct
@@ -44,10 +45,11 @@ class AarenState:
 
 
 def _combine(a, b):
-  """(m, u, w) ⊕ (m, u, w) of eq. 5-6, safe when both maxima are -inf."""
+  """(m, u, w) ⊕ (m, u, w) of eq. 5-6, safe (no NaN, also in gradients) when both maxima are -inf."""
   m = jnp.maximum(a[0], b[0])
-  scale_a = jnp.where(jnp.isneginf(a[0]), 0.0, jnp.exp(a[0] - m))
-  scale_b = jnp.where(jnp.isneginf(b[0]), 0.0, jnp.exp(b[0] - m))
+  safe_m = jnp.where(jnp.isneginf(m), 0.0, m)
+  scale_a = jnp.where(jnp.isneginf(a[0]), 0.0, jnp.exp(a[0] - safe_m))
+  scale_b = jnp.where(jnp.isneginf(b[0]), 0.0, jnp.exp(b[0] - safe_m))
   return m, a[1] * scale_a + b[1] * scale_b, a[2] * scale_a[..., None] + b[2] * scale_b[..., None]
 
 
@@ -88,9 +90,47 @@ def aaren_scan(scores: jax.Array, values: jax.Array, documents: jax.Array,
   return jnp.where((documents >= 0)[..., None, None], _output(u, w), 0.0), new_state
 
 
+def _within_chunks(scores, values, documents):
+  """Every chunk at once, from an empty state: (m, u, w) at each token. Inputs [B, n, C, ...]."""
+  m_leaf, u_leaf, v_leaf = _leaves(scores, values, documents)     # [B, n, C, H], [B, n, C, H], [B, n, C, H, D]
+  size = scores.shape[2]
+  causal = jnp.tril(jnp.ones((size, size), bool))
+  visible = causal & (documents[..., :, None] == documents[..., None, :]) & (documents[..., None, :] >= 0)
+  scores_tj = jnp.where(visible[..., None], m_leaf[:, :, None], -jnp.inf)           # [B, n, Ct, Cj, H]
+  m = jnp.max(scores_tj, axis=3)                                                      # [B, n, C, H]
+  safe_m = jnp.where(jnp.isneginf(m), 0.0, m)
+  weights = jnp.where(jnp.isneginf(scores_tj), 0.0, jnp.exp(scores_tj - safe_m[:, :, :, None]))
+  u = jnp.einsum('bntjh,bnjh->bnth', weights, u_leaf)                                 # [B, n, C, H]
+  w = jnp.einsum('bntjh,bnjhd->bnthd', weights, v_leaf)                               # [B, n, C, H, D]
+  return m, u, w
+
+
+def _entering_states(summary: AarenState, empty: jax.Array, state: AarenState) -> tuple[AarenState, AarenState]:
+  """The state entering each chunk (fields [B, n, ...]) and after the last, from the chunks' own summaries.
+
+  A chunk's summary is its (m, u, w) at its last real token, of that token's document: it
+  continues the carried state if that is the same document, else replaces it.
+  """
+  def across(carry: AarenState, inputs):
+    chunk, chunk_empty = inputs
+    merged = _combine((carry.m, carry.u, carry.w), (chunk.m, chunk.u, chunk.w))
+    same = chunk.document == carry.document                                          # [B]
+    after = AarenState(m=jnp.where(same[:, None], merged[0], chunk.m), u=jnp.where(same[:, None], merged[1], chunk.u),
+                       w=jnp.where(same[:, None, None], merged[2], chunk.w), document=chunk.document)
+    after = jax.tree.map(lambda old, new: jnp.where(chunk_empty.reshape(-1, *[1] * (new.ndim - 1)), old, new),
+                         carry, after)
+    return after, carry
+
+  to_time_major = lambda x: jnp.moveaxis(x, 1, 0)
+  final, entering = jax.lax.scan(across, state, (jax.tree.map(to_time_major, summary), to_time_major(empty)))
+  return jax.tree.map(to_time_major, entering), final
+
+
 def aaren_chunked(scores: jax.Array, values: jax.Array, documents: jax.Array, state: AarenState,
                   chunk_size: int) -> tuple[jax.Array, AarenState]:
-  """Dense inside chunks, a scan across them. Same shapes as aaren_scan."""
+  """Dense inside all chunks at once (matmuls), then a scan over the chunks' summaries carries the
+  state (a few vector ops per chunk), then each token merges the state entering its chunk. Same
+  shapes as aaren_scan."""
   batch, length, heads = scores.shape
   pad = -length % chunk_size
   if pad:
@@ -98,35 +138,21 @@ def aaren_chunked(scores: jax.Array, values: jax.Array, documents: jax.Array, st
     values = jnp.pad(values, ((0, 0), (0, pad), (0, 0), (0, 0)))
     documents = jnp.pad(documents, ((0, 0), (0, pad)), constant_values=PAD_DOCUMENT)
   chunks = (length + pad) // chunk_size
-  split = lambda x: jnp.moveaxis(x.reshape(batch, chunks, chunk_size, *x.shape[2:]), 1, 0)
-  causal = jnp.tril(jnp.ones((chunk_size, chunk_size), bool))
+  split = lambda x: x.reshape(batch, chunks, chunk_size, *x.shape[2:])              # [B, n, C, ...]
+  scores, values, documents = split(scores), split(values), split(documents)
+  m, u, w = _within_chunks(scores, values, documents)
 
-  def one_chunk(carry: AarenState, inputs):
-    s, v, doc = inputs                                       # [B, C, H], [B, C, H, D], [B, C]
-    m_leaf, u_leaf, v_leaf = _leaves(s, v, doc)
-    visible = causal & (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)   # [B, Ct, Cj]
-    from_carry = (doc == carry.document[:, None]) & (doc >= 0)                          # [B, C]
-    scores_tj = jnp.where(visible[:, :, :, None], m_leaf[:, None, :, :], -jnp.inf)    # [B, Ct, Cj, H]
-    carry_m = jnp.where(from_carry[:, :, None], carry.m[:, None], -jnp.inf)            # [B, C, H]
-    m = jnp.maximum(jnp.max(scores_tj, axis=2), carry_m)                                # [B, C, H]
-    safe_m = jnp.where(jnp.isneginf(m), 0.0, m)
-    weights = jnp.where(jnp.isneginf(scores_tj), 0.0, jnp.exp(scores_tj - safe_m[:, :, None]))  # [B, Ct, Cj, H]
-    carry_scale = jnp.where(jnp.isneginf(carry_m), 0.0, jnp.exp(carry_m - safe_m))     # [B, C, H]
-    u = jnp.einsum('btjh,bjh->bth', weights, u_leaf) + carry_scale * carry.u[:, None]
-    w = jnp.einsum('btjh,bjhd->bthd', weights, v_leaf) + carry_scale[..., None] * carry.w[:, None]
-    # The state after the chunk is the one at its last real token (padding passes it on).
-    real = doc >= 0
-    last = jnp.max(jnp.where(real, jnp.arange(chunk_size), -1), axis=1)          # [B], -1: no real token
-    at_last = lambda x: jnp.take_along_axis(x, jnp.maximum(last, 0).reshape(-1, *[1] * (x.ndim - 1)), 1)[:, 0]
-    new_carry = AarenState(m=at_last(m), u=at_last(u), w=at_last(w), document=at_last(doc))
-    empty = last < 0
-    new_carry = jax.tree.map(lambda old, new: jnp.where(empty.reshape(-1, *[1] * (new.ndim - 1)), old, new),
-                             carry, new_carry)
-    return new_carry, _output(u, w)
+  last = jnp.max(jnp.where(documents >= 0, jnp.arange(chunk_size), -1), axis=2)      # [B, n], -1: no real token
+  at_last = lambda x: jnp.take_along_axis(
+      x, jnp.maximum(last, 0).reshape(batch, chunks, 1, *[1] * (x.ndim - 3)), axis=2)[:, :, 0]
+  summary = AarenState(m=at_last(m), u=at_last(u), w=at_last(w), document=at_last(documents))
+  entering, final = _entering_states(summary, last < 0, state)
 
-  state, out = jax.lax.scan(one_chunk, state, (split(scores), split(values), split(documents)))
-  out = jnp.moveaxis(out, 0, 1).reshape(batch, chunks * chunk_size, heads, -1)[:, :length]
-  return out, state
+  from_carry = (documents == entering.document[:, :, None]) & (documents >= 0)       # [B, n, C]
+  carry_m = jnp.where(from_carry[..., None], entering.m[:, :, None], -jnp.inf)       # [B, n, C, H]
+  _, u, w = _combine((carry_m, entering.u[:, :, None], entering.w[:, :, None]), (m, u, w))
+  out = _output(u, w).reshape(batch, chunks * chunk_size, heads, -1)[:, :length]
+  return out, final
 
 
 class Aaren(nnx.Module):
