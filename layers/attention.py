@@ -54,12 +54,7 @@ class Attention(nnx.Module):
     v = sharding.constrain(self.value(x), kv_heads)                                   # [B, T, K, H]
     scale = self.head_dim ** -0.5
     if cache is None:
-      impl = attention_ops.resolve_impl(self.impl, self.dtype, self.head_dim)
-      if impl == 'cudnn':
-        o = attention_ops.cudnn_self_attention(q, k, v, documents, self.window, scale)
-      else:
-        mask = attention_ops.visibility_mask(token_index, documents, token_index, documents, self.window)
-        o = attention_ops.xla_attention(q, k, v, mask, scale)
+      o = attention_ops.self_attention(q, k, v, token_index, documents, self.window, scale, self.impl)
     else:
       all_k = jnp.concatenate([cache.keys.astype(k.dtype), k], axis=1)      # [B, S + T, K, H]
       all_v = jnp.concatenate([cache.values.astype(v.dtype), v], axis=1)

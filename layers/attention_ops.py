@@ -5,16 +5,22 @@ MQA (query heads grouped over `num_kv_heads`). Query i sees key j when both are
 in the same document, j <= i and i - j < window (W keys including itself: the
 Mistral / YOCO convention, flash-attn `window_size=(W-1, 0)`).
 
-Two implementations behind `impl`: `xla` (the reference, runs everywhere,
-materialises the [T, S] scores) and `cudnn` (cuDNN flash attention on GPU,
+Three implementations behind `impl`: `xla` (the reference, runs everywhere,
+materialises the [T, S] scores), `cudnn` (cuDNN flash attention on GPU,
 bf16/fp16 only; the window always goes with `is_causal=True`, since without it
-some cuDNN versions attend to the future). `auto` picks cuDNN on a GPU when
-the dtype and head size allow it.
+some cuDNN versions attend to the future) and `splash` (the TPU splash kernel,
+layers/splash_attention.py; Pallas interpret mode elsewhere). The kernels serve
+self-attention over the queries' own row (`self_attention`); with a KV cache
+or other keys the XLA form runs. `auto` picks cuDNN when compiling for a GPU
+and splash when compiling for a TPU (kernel_sharding.compile_platform: the
+active mesh's devices), where they apply, and XLA otherwise.
 """
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('xla', 'cudnn', 'auto')
+from layers import kernel_sharding, splash_attention
+
+IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
 _MASKED = -1e30  # finite, so a fully masked (padding) query gives a finite output
 
 
@@ -57,12 +63,34 @@ def cudnn_supported(dtype: jnp.dtype, head_dim: int) -> bool:
   return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def resolve_impl(impl: str, dtype: jnp.dtype, head_dim: int) -> str:
-  """Turns `auto` into `cudnn` or `xla` for this backend; checks an explicit choice."""
+def resolve_impl(impl: str, dtype: jnp.dtype, head_dim: int, length: int | None = None) -> str:
+  """Turns `auto` into `cudnn`, `splash` or `xla` for the platform compiled for; checks an explicit choice.
+
+  `length`: the row length when the keys are exactly the queries' row (self-attention
+  without a cache), the only case splash serves; None elsewhere.
+  """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'unknown attention impl {impl!r}; known: {IMPLEMENTATIONS}')
+  splash_problem = splash_attention.unsupported(length)
   if impl == 'auto':
-    return 'cudnn' if jax.default_backend() == 'gpu' and cudnn_supported(dtype, head_dim) else 'xla'
+    platform = kernel_sharding.compile_platform()
+    if platform == 'gpu' and cudnn_supported(dtype, head_dim):
+      return 'cudnn'
+    return 'splash' if platform == 'tpu' and splash_problem is None else 'xla'
   if impl == 'cudnn' and not cudnn_supported(dtype, head_dim):
     raise ValueError(f'cuDNN attention needs bf16/fp16 and head_dim % 8 == 0 (<= 256); got {jnp.dtype(dtype).name}, {head_dim}')
+  if impl == 'splash' and splash_problem:
+    raise ValueError(f'splash attention cannot serve this call: {splash_problem}; use impl=\'auto\' or \'xla\'')
   return impl
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_index: jax.Array, documents: jax.Array,
+                   window: int | None, scale: float, impl: str) -> jax.Array:
+  """q [B, T, N, H], k/v [B, T, K, H] of one packed row's tokens, token_index/documents [B, T] -> [B, T, N, H]."""
+  impl = resolve_impl(impl, q.dtype, q.shape[-1], q.shape[1])
+  if impl == 'cudnn':
+    return cudnn_self_attention(q, k, v, documents, window, scale)
+  if impl == 'splash':
+    return splash_attention.splash_self_attention(q, k, v, documents, window, scale)
+  mask = visibility_mask(token_index, documents, token_index, documents, window)
+  return xla_attention(q, k, v, mask, scale)

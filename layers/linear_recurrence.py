@@ -3,8 +3,8 @@
 The core of the RG-LRU (and of any gated linear RNN with a per-channel decay).
 Inputs are [B, T, ...] with time on axis 1 and an initial state h_0 [B, ...];
 the result is every h_t and the last state. A zero a_t is a reset: nothing
-before t reaches h_t. Three implementations behind `impl`, equal up to
-float rounding (values and gradients, by autodiff):
+before t reaches h_t. Four implementations behind `impl`, equal up to
+float rounding (values and gradients):
 
   'sequential'   jax.lax.scan over T (the reference; `unroll` steps per iteration)
   'associative'  jax.lax.associative_scan with (a1, x1) . (a2, x2) = (a1 a2, a2 x1 + x2),
@@ -14,23 +14,31 @@ float rounding (values and gradients, by autodiff):
                  carries the state (h = h_local + (prod of a inside the chunk) * h_in).
                  T need not divide: the tail is padded with a = 1, x = 0, which
                  leave the state as it is.
+  'pallas'       a linear scan as a Pallas TPU kernel (layers/pallas_linear_scan.py;
+                 its gradient is the reverse scan by the same kernel); Pallas
+                 interpret mode off TPU. T is padded as for 'chunked'.
 
-'auto' picks one for the backend (resolve_impl). Computation happens in the
+'auto' picks one for the platform compiled for (resolve_impl). Computation happens in the
 dtype the inputs promote to; the RG-LRU passes float32.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('sequential', 'associative', 'chunked', 'auto')
+from layers import kernel_sharding, pallas_linear_scan
+
+IMPLEMENTATIONS = ('sequential', 'associative', 'chunked', 'pallas', 'auto')
 
 
 def resolve_impl(impl: str) -> str:
-  """'auto': associative on GPU (fastest measured on an H200, REFERENCES.md §2), sequential elsewhere
-  (cheapest to compile on CPU; the Griffin paper found a linear scan faster on TPU)."""
+  """'auto': associative on GPU (fastest measured on an H200, REFERENCES.md §2), the Pallas linear
+  scan on TPU (the Griffin paper found a linear scan fastest there), sequential elsewhere (cheapest
+  to compile on CPU). The platform is the one compiled for (kernel_sharding.compile_platform)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'unknown linear recurrence impl {impl!r}; known: {IMPLEMENTATIONS}')
   if impl == 'auto':
-    return 'associative' if jax.default_backend() == 'gpu' else 'sequential'
+    return {'gpu': 'associative', 'tpu': 'pallas'}.get(kernel_sharding.compile_platform(), 'sequential')
   return impl
 
 
@@ -57,15 +65,20 @@ def _associative(a: jax.Array, x: jax.Array, h0: jax.Array) -> tuple[jax.Array, 
   return h, h[:, -1]
 
 
+def _pad_time(a: jax.Array, x: jax.Array, multiple: int) -> tuple[jax.Array, jax.Array]:
+  """Pads T up to a multiple with a = 1, x = 0: steps that leave the state as it is."""
+  pad = -a.shape[1] % multiple
+  if not pad:
+    return a, x
+  widths = [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
+  return jnp.pad(a, widths, constant_values=1), jnp.pad(x, widths)
+
+
 def _chunked(a: jax.Array, x: jax.Array, h0: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
   batch, length, *rest = a.shape
   chunk_size = min(chunk_size, length)
-  num_chunks = -(-length // chunk_size)
-  pad = num_chunks * chunk_size - length
-  if pad:
-    widths = [(0, 0), (0, pad)] + [(0, 0)] * len(rest)
-    a = jnp.pad(a, widths, constant_values=1)
-    x = jnp.pad(x, widths)
+  a, x = _pad_time(a, x, chunk_size)
+  num_chunks = a.shape[1] // chunk_size
   a = a.reshape(batch, num_chunks, chunk_size, *rest)
   x = x.reshape(batch, num_chunks, chunk_size, *rest)
   decay, local = jax.lax.associative_scan(_combine, (a, x), axis=2)  # within chunks, from h = 0
@@ -77,6 +90,16 @@ def _chunked(a: jax.Array, x: jax.Array, h0: jax.Array, chunk_size: int) -> tupl
   last, entering = jax.lax.scan(carry, h0, (jnp.moveaxis(decay[:, :, -1], 1, 0), jnp.moveaxis(local[:, :, -1], 1, 0)))
   h = local + decay * jnp.moveaxis(entering, 0, 1)[:, :, None]
   return h.reshape(batch, num_chunks * chunk_size, *rest)[:, :length], last
+
+
+def _pallas(a: jax.Array, x: jax.Array, h0: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The kernel over channels flattened to one axis, T padded to whole time blocks."""
+  batch, length, *rest = a.shape
+  channels = math.prod(rest)
+  a, x = _pad_time(a, x, min(pallas_linear_scan.BLOCK_TIME, length))
+  h, last = pallas_linear_scan.linear_scan(a.reshape(batch, -1, channels), x.reshape(batch, -1, channels),
+                                           h0.reshape(batch, channels))
+  return h[:, :length].reshape(batch, length, *rest), last.reshape(h0.shape)
 
 
 def linear_recurrence(a: jax.Array, x: jax.Array, h0: jax.Array | None = None, *, impl: str = 'chunked',
@@ -95,6 +118,8 @@ def linear_recurrence(a: jax.Array, x: jax.Array, h0: jax.Array | None = None, *
     return _sequential(a, x, h0, unroll)
   if impl == 'associative':
     return _associative(a, x, h0)
+  if impl == 'pallas':
+    return _pallas(a, x, h0)
   if chunk_size <= 0:
     raise ValueError(f'chunk_size must be positive, got {chunk_size}')
   return _chunked(a, x, h0, chunk_size)

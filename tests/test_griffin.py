@@ -173,7 +173,7 @@ def test_flops_count_every_weight_twice_plus_attention_conv_and_scan():
     (dict(num_heads=8, lru_width=36), r'config\.model\.num_heads=8: does not divide config\.model\.lru_width=36'),
     (dict(block_pattern='rrx'), r"config\.model\.block_pattern='rrx'"),
     (dict(block_pattern=''), r"config\.model\.block_pattern=''"),
-    (dict(lru_impl='pallas'), r"config\.model\.lru_impl='pallas'"),
+    (dict(lru_impl='triton'), r"config\.model\.lru_impl='triton'"),
     (dict(lru_max_rad=1.5), r'config\.model\.lru_max_rad=1\.5'),
     (dict(window=-1), r'config\.model\.window=-1'),
     (dict(conv_width=0), r'config\.model\.conv_width=0'),

@@ -78,7 +78,13 @@ def largest_batch(config: ConfigDict, topology: str, *, limit: int = 1 << 14) ->
     trial.batch_size = batch
     exp = Experiment.build(trial, devices)
     with exp.activate():
-      if _memory(compile_train_step(exp, batch, trial.seq_len))['total'] > hbm:
-        break
+      try:
+        fits = _memory(compile_train_step(exp, batch, trial.seq_len))['total'] <= hbm
+      except jax.errors.JaxRuntimeError as error:  # the TPU compiler refuses a program over HBM
+        if 'RESOURCE_EXHAUSTED' not in str(error):
+          raise
+        fits = False
+    if not fits:
+      break
     best, batch = batch, batch * 2
   return best
