@@ -77,7 +77,8 @@ def benchmark_train_step(config, num_steps: int, warmup: int, devices: list[jax.
       losses=losses)
 
 
-def _timed(fn, *args):
+def timed(fn, *args):
+  """(fn(*args) once computed, seconds it took)."""
   start = time.perf_counter()
   out = jax.block_until_ready(fn(*args))
   return out, time.perf_counter() - start
@@ -97,12 +98,12 @@ def benchmark_decode(config, contexts: list[int], batch: int, num_tokens: int) -
     tokens, positions = (jnp.asarray(prompt[k]) for k in ('tokens', 'positions'))
     cache = model.init_cache(batch, context + num_tokens + 1, cache_dtype)
     compiled_prefill = prefill.lower(state, tokens, positions, cache).compile()
-    (logits, cache), prefill_s = _timed(compiled_prefill, state, tokens, positions, cache)
+    (logits, cache), prefill_s = timed(compiled_prefill, state, tokens, positions, cache)
     token, position = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), positions[:, -1:] + 1
     compiled_step = step.lower(state, token, position, cache).compile()
     per_token = []
     for _ in range(num_tokens + 1):
-      (logits, cache), seconds = _timed(compiled_step, state, token, position, cache)
+      (logits, cache), seconds = timed(compiled_step, state, token, position, cache)
       per_token.append(seconds)
       token, position = jnp.argmax(logits, axis=-1).astype(jnp.int32), position + 1
     results.append(dict(context=context, prefill_s=prefill_s, decode_s_per_token=statistics.median(per_token[1:]),

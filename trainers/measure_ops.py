@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from layers.gated_retention_ops import chunked_retention
 from layers.wkv import chunked_wkv
+from trainers.measure import timed
 
 
 def _wkv_inputs(key, batch: int, seq_len: int, heads: int, head_dim: int) -> tuple:
@@ -59,10 +60,6 @@ def benchmark_operator(name: str, batch: int, seq_len: int, heads: int, head_dim
   compiled = grad.lower(inputs).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(inputs))
-  times = []
-  for _ in range(num_steps):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(inputs))
-    times.append(time.perf_counter() - start)
+  times = [timed(compiled, inputs)[1] for _ in range(num_steps)]
   return dict(operator=name, batch=batch, seq_len=seq_len, heads=heads, head_dim=head_dim,
               device_kind=jax.devices()[0].device_kind, compile_s=compile_s, fwd_bwd_s=statistics.median(times))
