@@ -78,3 +78,11 @@ def test_impl_switch():
     attention_ops.resolve_impl('cudnn', jnp.float32, 64)
   with pytest.raises(ValueError, match='unknown attention impl'):
     attention_ops.resolve_impl('flash', jnp.bfloat16, 64)
+
+
+def test_document_segments_describe_each_run_for_the_packed_cudnn_call():
+  _, documents, _ = locate(packed_positions([[3, 2, 8], [16], [1] * 16], pad_to=16))  # 3 documents + padding
+  lengths, starts, runs = attention_ops.document_segments(documents, max_segments=4)
+  np.testing.assert_array_equal(lengths[:2], [[3, 2, 8, 3], [16, -1, -1, -1]])
+  np.testing.assert_array_equal(starts[:2], [[0, 3, 5, 13, -1], [0, -1, -1, -1, -1]])
+  np.testing.assert_array_equal(runs, [4, 1, 16])  # the third row has more runs than described: dense-mask path

@@ -31,15 +31,15 @@ def test_decode_benchmark_reports_each_context(data_dir):
   assert small['decode_s_per_token'] > 0 and small['prefill_s'] > 0
 
 
-@pytest.mark.parametrize('name', ['wkv', 'gated_retention'])
+@pytest.mark.parametrize('name', ['wkv', 'gated_retention', 'attention'])
 def test_operator_benchmark_times_forward_and_backward(name):
   result = benchmark_operator(name, batch=1, seq_len=32, heads=2, head_dim=8, num_steps=1)
   assert result['operator'] == name and result['fwd_bwd_s'] > 0
 
 
 def test_bad_requests_name_the_problem(data_dir):
-  with pytest.raises(ValueError, match="unknown operator 'attention'"):
-    benchmark_operator('attention', 1, 32, 2, 8, 1)
+  with pytest.raises(ValueError, match="unknown operator 'mamba'"):
+    benchmark_operator('mamba', 1, 32, 2, 8, 1)
   with pytest.raises(ValueError, match="operator 'gated_retention' has no peer"):
     benchmark_operator_peer('gated_retention', 1, 32, 2, 8, 1)
   config = tiny_experiment(data_dir)

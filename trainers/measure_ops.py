@@ -2,6 +2,8 @@
 
   wkv              RWKV-6 wkv, chunked form (layers/wkv.py); peer: flash-linear-attention chunk_rwkv6
   gated_retention  YOCO's gated retention, chunked form (layers/gated_retention_ops.py)
+  attention        causal multi-head self-attention over rows of 4 documents
+                   (layers/attention_ops.self_attention, impl 'auto': cuDNN on a GPU)
 
 Inputs are [B, T, H, D] in bf16 with float32 decays, one document per row (no
 reset inside, as the peer's dense call); the timed function is the jitted
@@ -13,7 +15,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from layers import attention_ops
 from layers.gated_retention_ops import chunked_retention
 from layers.wkv import chunked_wkv
 from trainers.measure import timed
@@ -36,6 +40,19 @@ def _retention_inputs(key, batch: int, seq_len: int, heads: int, head_dim: int) 
   return q, k, v, log_decay
 
 
+def _attention_inputs(key, batch: int, seq_len: int, heads: int, head_dim: int) -> tuple:
+  return tuple(jax.random.normal(x, (batch, seq_len, heads, head_dim), jnp.bfloat16) for x in jax.random.split(key, 3))
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Self-attention over rows packing 4 documents, cut at random places (fixed seed)."""
+  batch, length = q.shape[:2]
+  cuts = np.sort(np.random.default_rng(0).integers(1, length, size=(batch, 3)), axis=1)         # [B, 3]
+  documents = jnp.asarray((np.arange(length)[None, :, None] >= cuts[:, None, :]).sum(-1), jnp.int32)  # [B, T]
+  index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  return attention_ops.self_attention(q, k, v, index, documents, None, q.shape[-1] ** -0.5, 'auto')
+
+
 def _no_reset(x: jax.Array) -> jax.Array:
   return jnp.zeros(x.shape[:2], bool)                                               # [B, T]
 
@@ -44,6 +61,7 @@ OPERATORS: dict[str, tuple[Callable, Callable]] = {
     'wkv': (_wkv_inputs, lambda r, k, v, w, u: chunked_wkv(r, k, v, w, u, _no_reset(r))[0]),
     'gated_retention': (_retention_inputs,
                         lambda q, k, v, g: chunked_retention(q, k, v, g, _no_reset(q), chunk_size=64)[0]),
+    'attention': (_attention_inputs, _attention),
 }
 
 
