@@ -2,11 +2,11 @@
 
   wkv              RWKV-6 wkv, chunked form (layers/wkv.py); peer: flash-linear-attention chunk_rwkv6
   gated_retention  YOCO's gated retention, chunked form (layers/gated_retention_ops.py)
-  attention        causal multi-head self-attention over rows of 4 documents
+  attention        causal multi-head self-attention over rows of up to 4 documents
                    (layers/attention_ops.self_attention, impl 'auto': cuDNN on a GPU)
 
-Inputs are [B, T, H, D] in bf16 with float32 decays, one document per row (no
-reset inside, as the peer's dense call); the timed function is the jitted
+Inputs are [B, T, H, D] in bf16 with float32 decays; the recurrences see one
+document per row (no reset inside, as the peer's dense call); the timed function is the jitted
 gradient of <y, dy> with respect to every input, i.e. forward + backward.
 """
 import statistics
@@ -45,7 +45,7 @@ def _attention_inputs(key, batch: int, seq_len: int, heads: int, head_dim: int) 
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """Self-attention over rows packing 4 documents, cut at random places (fixed seed)."""
+  """Self-attention over rows packing up to 4 documents, cut at random places (fixed seed)."""
   batch, length = q.shape[:2]
   cuts = np.sort(np.random.default_rng(0).integers(1, length, size=(batch, 3)), axis=1)         # [B, 3]
   documents = jnp.asarray((np.arange(length)[None, :, None] >= cuts[:, None, :]).sum(-1), jnp.int32)  # [B, T]
