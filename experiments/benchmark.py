@@ -6,6 +6,7 @@
   python -m experiments.benchmark --config=experiments/configs/transformer.py:1b --num_devices=2 \
       --config.mesh.fsdp=2 --config.batch_size=16                                     # FSDP over 2 GPUs
   python -m experiments.benchmark --mode=op --op=wkv --op_shape=8,2048,16,64 --peer  # + fla chunk_rwkv6
+  python -m experiments.benchmark --mode=op --op=attention --op_shape=8,4096,16,64   # cuDNN over documents
 
 `--mode=train`: compile time, the median step time of `--steps` timed steps
 (after `--warmup` untimed ones), tokens/s, MFU (MaxText-style FLOPs against
