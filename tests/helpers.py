@@ -4,6 +4,7 @@ import importlib
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -18,6 +19,14 @@ def tiny_model(**fields) -> architectures.base.SequenceModel:
                       mlp_dim=64, dtype='float32', attention_impl='xla')
   model_fields.update(fields)
   return architectures.create_model(model_fields, nnx.Rngs(0))
+
+
+def jitted(module, **fixed):
+  """`module(*args, **fixed)` as one jitted function of `args`. Called eagerly instead, every op of the
+  module compiles on its own, again for every new shape: minutes per test on a CPU."""
+  graphdef, state = nnx.split(module)
+  fn = jax.jit(lambda s, *args: nnx.merge(graphdef, s)(*args, **fixed))
+  return lambda *args: fn(state, *args)
 
 
 def packed_positions(lengths_per_row: list[list[int]], pad_to: int | None = None) -> jnp.ndarray:

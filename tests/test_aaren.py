@@ -1,7 +1,8 @@
 """Aaren: the prefix scan equals softmax attention with a constant query (values
 and gradients, at large score magnitudes, across documents and padding); the
 chunked form and the token-by-token recurrence equal the scan; the decode
-cache does not grow with context."""
+cache does not grow with context. The scans run jitted: eagerly, each of their many small ops
+compiles on its own (minutes on CPU)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,12 +42,12 @@ def empty():
 @pytest.mark.parametrize('scale', [1.0, 1e3])  # 1e3: exp(s) overflows float32 without the max subtraction
 def test_scan_equals_softmax_attention_values_and_gradients(scale):
   scores, values, documents = inputs(scale)
-  out, _ = aaren_scan(scores, values, documents, empty())
+  out, _ = jax.jit(aaren_scan)(scores, values, documents, empty())
   np.testing.assert_allclose(out, softmax_attention(scores, values, documents), atol=1e-5)
   assert np.all(np.isfinite(out))
   loss = lambda f: lambda s, v: jnp.sum(jnp.sin(f(s, v)))
-  grads = jax.grad(loss(lambda s, v: aaren_scan(s, v, documents, empty())[0]), argnums=(0, 1))(scores, values)
-  reference = jax.grad(loss(lambda s, v: softmax_attention(s, v, documents)), argnums=(0, 1))(scores, values)
+  grads = jax.jit(jax.grad(loss(lambda s, v: aaren_scan(s, v, documents, empty())[0]), argnums=(0, 1)))(scores, values)
+  reference = jax.jit(jax.grad(loss(lambda s, v: softmax_attention(s, v, documents)), argnums=(0, 1)))(scores, values)
   for g, r in zip(grads, reference):
     np.testing.assert_allclose(g, r, atol=1e-4)
 
@@ -54,12 +55,12 @@ def test_scan_equals_softmax_attention_values_and_gradients(scale):
 @pytest.mark.parametrize('chunk_size', [1, 4, 7, 21, 32])
 def test_chunked_equals_scan(chunk_size):
   scores, values, documents = inputs(30.0, seed=1)
-  scan_out, scan_state = aaren_scan(scores, values, documents, empty())
-  chunk_out, chunk_state = aaren_chunked(scores, values, documents, empty(), chunk_size)
+  scan_out, scan_state = jax.jit(aaren_scan)(scores, values, documents, empty())
+  chunk_out, chunk_state = jax.jit(aaren_chunked, static_argnums=4)(scores, values, documents, empty(), chunk_size)
   np.testing.assert_allclose(chunk_out, scan_out, atol=1e-5)
   for a, b in zip(jax.tree.leaves(scan_state), jax.tree.leaves(chunk_state)):
     np.testing.assert_allclose(b, a, atol=1e-5)
-  grad = lambda f: jax.grad(lambda s: jnp.sum(f(s)[0] ** 2))(scores)
+  grad = lambda f: jax.jit(jax.grad(lambda s: jnp.sum(f(s)[0] ** 2)))(scores)
   np.testing.assert_allclose(grad(lambda s: aaren_chunked(s, values, documents, empty(), chunk_size)),
                              grad(lambda s: aaren_scan(s, values, documents, empty())), atol=1e-4)
 

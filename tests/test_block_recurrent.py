@@ -13,7 +13,7 @@ import architectures
 from architectures.base import ConfigError
 from architectures.block_recurrent import BlockRecurrentConfig, Layer
 from layers.documents import locate
-from tests.helpers import packed_positions, random_tokens
+from tests.helpers import jitted, packed_positions, random_tokens
 
 VOCAB = 64
 SMALL = dict(vocab_size=VOCAB, num_layers=2, dim=16, num_heads=2, num_kv_heads=1, mlp_dim=24, window=4,
@@ -22,12 +22,6 @@ SMALL = dict(vocab_size=VOCAB, num_layers=2, dim=16, num_heads=2, num_kv_heads=1
 
 def brt(**fields):
   return architectures.create_model(dict(name='block_recurrent', **{**SMALL, **fields}), nnx.Rngs(0))
-
-
-def jitted(module):
-  graphdef, state = nnx.split(module)
-  fn = jax.jit(lambda s, *args: nnx.merge(graphdef, s)(*args))
-  return lambda *args: fn(state, *args)
 
 
 # -- direct references ------------------------------------------------------------------------------
@@ -268,9 +262,7 @@ def test_generation_across_window_boundaries_equals_forward(fields):
 def test_last_only_cache_bytes_and_flops():
   model = brt(num_layers=1)
   tokens, positions = random_tokens((2, 10), VOCAB), packed_positions([[10], [10]])
-  graphdef, state = nnx.split(model)
-  last, _ = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c, last_only=True))(
-      state, tokens, positions, model.init_cache(2, 10, jnp.float32))
+  last, _ = jitted(model, last_only=True)(tokens, positions, model.init_cache(2, 10, jnp.float32))
   np.testing.assert_allclose(last[:, 0], jitted(model)(tokens, positions)[0][:, -1], atol=1e-5)
   assert model.cache_bytes(2, 10, jnp.float32) == model.cache_bytes(2, 10_000, jnp.float32)  # fixed size
   assert model.flops_per_token(64) > brt(num_layers=1, recurrent_layers=()).flops_per_token(64)

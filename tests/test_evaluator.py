@@ -9,7 +9,7 @@ from flax import nnx
 from trainers import data
 from trainers.evaluator import Evaluator
 from trainers.experiment import Experiment
-from tests.helpers import tiny_experiment
+from tests.helpers import jitted, tiny_experiment
 
 
 def log_softmax(x):
@@ -23,11 +23,11 @@ def test_bits_per_byte_and_loss_by_position_by_hand(data_dir):
   with exp.activate():
     params = exp.new_state().params
     results = Evaluator(config, exp.graphdef, exp.batch_sharding, num_batches=3)(params)
-  model = nnx.merge(exp.graphdef, jax.device_get(params))
+  forward = jitted(nnx.merge(exp.graphdef, jax.device_get(params)))
   nats, targets_counted, bytes_counted, by_context = 0.0, 0, 0, {}
   for batch in data.make_eval_batches(config, num_batches=3):
     tokens, positions = batch['tokens'], batch['positions']
-    logits = np.asarray(model(tokens[:, :-1], positions[:, :-1])[0], np.float64)
+    logits = np.asarray(forward(tokens[:, :-1], positions[:, :-1])[0], np.float64)
     logp = log_softmax(logits)
     for b in range(tokens.shape[0]):
       for t in range(tokens.shape[1] - 1):

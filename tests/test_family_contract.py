@@ -20,7 +20,7 @@ from flax import nnx
 
 from trainers import steps
 from trainers.experiment import Experiment
-from tests.helpers import CONFIGS, FAMILY_CONFIGS, family_tiny_config, packed_positions, random_tokens
+from tests.helpers import CONFIGS, FAMILY_CONFIGS, family_tiny_config, jitted, packed_positions, random_tokens
 
 DECODE_LENGTH, PROMPT = 40, 13
 
@@ -37,14 +37,13 @@ def test_prefill_then_decode_equals_forward(name, data_dir):
   model = nnx.merge(exp.graphdef, jax.device_get(exp.new_state().params))
   tokens = random_tokens((2, DECODE_LENGTH), 256)
   positions = packed_positions([[5, DECODE_LENGTH - 5], [DECODE_LENGTH]])
-  full = model(tokens, positions)[0]
-  graphdef, state = nnx.split(model)
-  call = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c))
+  call = jitted(model)
+  full = call(tokens, positions)[0]
   cache = model.init_cache(2, DECODE_LENGTH, jnp.float32)
-  logits, cache = call(state, tokens[:, :PROMPT], positions[:, :PROMPT], cache)
+  logits, cache = call(tokens[:, :PROMPT], positions[:, :PROMPT], cache)
   outs = [logits]
   for t in range(PROMPT, DECODE_LENGTH):
-    logits, cache = call(state, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+    logits, cache = call(tokens[:, t:t + 1], positions[:, t:t + 1], cache)
     outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-4)
   assert model.cache_bytes(2, DECODE_LENGTH, jnp.float32) == sum(x.nbytes for x in jax.tree.leaves(cache))

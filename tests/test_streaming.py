@@ -9,7 +9,8 @@ import pytest
 from trainers import data, steps
 from trainers.experiment import Experiment
 from trainers.train_loop import train
-from tests.helpers import family_tiny_config, packed_positions, random_tokens, read_metrics, tiny_experiment, tiny_model
+from tests.helpers import (family_tiny_config, jitted, packed_positions, random_tokens, read_metrics, tiny_experiment,
+                           tiny_model)
 
 
 def streaming_config(data_dir, **overrides):
@@ -47,10 +48,11 @@ def test_two_segments_with_carried_cache_equal_one_pass(window):
   length = 12
   tokens = random_tokens((2, 2 * length), 64)
   positions = packed_positions([[2 * length], [7, 2 * length - 7]])
-  full = model(tokens, positions)[0]
+  call = jitted(model)
+  full = call(tokens, positions)[0]
   carry = model.init_cache(2, length, jnp.float32)  # memory = one segment: the whole past is visible
-  first, carry = model(tokens[:, :length], positions[:, :length], carry)
-  second, _ = model(tokens[:, length:], positions[:, length:], carry)
+  first, carry = call(tokens[:, :length], positions[:, :length], carry)
+  second, _ = call(tokens[:, length:], positions[:, length:], carry)
   np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), full, atol=1e-4)
 
 

@@ -12,7 +12,7 @@ from trainers.data.timeseries import LENGTH, TRAIN_FRACTION, mackey_glass
 from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
 from trainers.train_loop import train
-from tests.helpers import family_tiny_config, packed_positions
+from tests.helpers import family_tiny_config, jitted, packed_positions
 
 
 def forecast_config(name, data_dir, **overrides):
@@ -53,14 +53,13 @@ def test_cached_forecast_equals_one_pass(data_dir):
   model = nnx.merge(exp.graphdef, jax.device_get(exp.new_state().params))
   values = jnp.asarray(np.random.default_rng(0).normal(size=(2, 20, 2)), jnp.float32)
   positions = packed_positions([[8, 12], [20]])
-  full = model(values, positions)[0]
-  graphdef, state = nnx.split(model)
-  call = jax.jit(lambda s, v, p, c: nnx.merge(graphdef, s)(v, p, c))
+  call = jitted(model)
+  full = call(values, positions)[0]
   cache = model.init_cache(2, 20, jnp.float32)
-  head, cache = call(state, values[:, :11], positions[:, :11], cache)
+  head, cache = call(values[:, :11], positions[:, :11], cache)
   outs = [head]
   for t in range(11, 20):
-    out, cache = call(state, values[:, t:t + 1], positions[:, t:t + 1], cache)
+    out, cache = call(values[:, t:t + 1], positions[:, t:t + 1], cache)
     outs.append(out)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-4)
 

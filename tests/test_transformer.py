@@ -8,24 +8,23 @@ from flax import nnx
 
 import architectures
 from architectures.base import ConfigError, mean_visible_keys
-from tests.helpers import packed_positions, random_tokens, tiny_model
+from tests.helpers import jitted, packed_positions, random_tokens, tiny_model
 
 VOCAB = 64
 
 
 def forward(model, tokens, positions):
-  return model(tokens, positions)[0]
+  return jitted(model)(tokens, positions)[0]
 
 
 def prefill_and_decode(model, tokens, positions, prompt_len, max_len):
-  """Logits from prefilling `prompt_len` tokens, then one jitted single-token step at a time."""
+  """Logits from prefilling `prompt_len` tokens, then one single-token step at a time."""
+  call = jitted(model)
   cache = model.init_cache(tokens.shape[0], max_len, jnp.float32)
-  logits, cache = model(tokens[:, :prompt_len], positions[:, :prompt_len], cache)
-  graphdef, state = nnx.split(model)
-  step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c))
+  logits, cache = call(tokens[:, :prompt_len], positions[:, :prompt_len], cache)
   outs = [logits]
   for t in range(prompt_len, tokens.shape[1]):
-    logits, cache = step(state, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+    logits, cache = call(tokens[:, t:t + 1], positions[:, t:t + 1], cache)
     outs.append(logits)
   return jnp.concatenate(outs, axis=1)
 
@@ -46,10 +45,10 @@ def test_chunked_prefill_equals_forward(window):
   model = tiny_model(window=window)
   positions = packed_positions([[3, 6, 11], [20]])
   tokens = random_tokens((2, 20), VOCAB, seed=1)
-  cache = model.init_cache(2, 20, jnp.float32)
+  call, cache = jitted(model), model.init_cache(2, 20, jnp.float32)
   outs = []
   for start, stop in [(0, 7), (7, 8), (8, 17), (17, 20)]:  # chunks shorter and longer than the window
-    logits, cache = model(tokens[:, start:stop], positions[:, start:stop], cache)
+    logits, cache = call(tokens[:, start:stop], positions[:, start:stop], cache)
     outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), forward(model, tokens, positions), atol=1e-4)
 
@@ -96,7 +95,7 @@ def test_last_only_returns_the_last_position():
   model = tiny_model()
   tokens, positions = random_tokens((2, 12), VOCAB), packed_positions([[5, 7], [12]])
   cache = model.init_cache(2, 12, jnp.float32)
-  last, _ = model(tokens, positions, cache, last_only=True)
+  last, _ = jitted(model, last_only=True)(tokens, positions, cache)
   np.testing.assert_allclose(last, forward(model, tokens, positions)[:, -1:], atol=1e-5)
 
 
