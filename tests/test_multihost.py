@@ -29,8 +29,8 @@ def launch(workdir, data_dir, config, processes, devices_per_process):
   flags = [f'--config={config}', f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
            f'--config.total_steps={STEPS}', '--config.log_every=1', '--config.checkpoint_every=4',
            '--config.eval_every=1000', '--config.eval_batches=1', '--config.seq_len=32', '--config.batch_size=8']
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',  # the last device count in XLA_FLAGS wins
+             XLA_FLAGS=os.environ['XLA_FLAGS'] + f' --xla_force_host_platform_device_count={devices_per_process}')
   if processes > 1:
     port = free_port()
     runs = [flags + ['--distributed', f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}',
