@@ -18,7 +18,7 @@ active mesh's devices), where they apply, and XLA otherwise.
 import jax
 import jax.numpy as jnp
 
-from layers import kernel_sharding, splash_attention
+from layers import kernel_sharding, sharding, splash_attention
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
 _MASKED = -1e30  # finite, so a fully masked (padding) query gives a finite output
@@ -67,38 +67,46 @@ def cudnn_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, documents: ja
                          window: int | None, scale: float) -> jax.Array:
   """Causal self-attention over one packed row with cuDNN (GPU, bf16/fp16).
 
-  Multi-head attention without a window: each run of one document id is a segment of
-  cuDNN's packed (ragged) layout, so key blocks of other documents are skipped, not
-  masked (forward + backward 2.2x faster than the dense document mask at B=8 x T=4096,
-  16 heads, on an H200; docs/performance.md). Padding runs attend among themselves;
-  real tokens never see them, as in the XLA form (padding outputs differ, never used).
-  A row of more than CUDNN_MAX_DOCUMENTS runs takes the dense mask (lax.cond, on device).
-  GQA/MQA and windows always take the dense mask: JAX's packed layout (0.10.2) strides
-  the K/V offsets by the query heads, and windowed segments are not yet checked on a GPU.
+  Each run of one document id is a segment of cuDNN's packed (ragged) layout, so key
+  blocks of other documents are skipped, not masked (forward + backward 2.2x faster
+  than the dense document mask at B=8 x T=4096, 16 heads, on an H200;
+  docs/performance.md). Padding runs attend among themselves; real tokens never see
+  them, as in the XLA form (padding outputs differ, never used). A window is cuDNN's
+  sliding_window_length (W keys including itself). A row of more than
+  CUDNN_MAX_DOCUMENTS runs takes the dense document mask instead (lax.cond, on device).
+
+  Keys and values are repeated to the query heads (GQA/MQA): JAX's packed call computes
+  the K/V offsets with the query heads' count (read in JAX 0.10.2). Under a mesh each device attends over
+  its own rows and query heads (jax.shard_map): XLA's partitioning of the packed call
+  over the batch gives wrong gradients (flat FSDP loss curves on 2 H200s).
   """
-  length = q.shape[1]
+  batch, length, num_heads, _ = q.shape
   window = window if window is not None and window < length else None
+  k, v = (jnp.repeat(x, num_heads // x.shape[2], axis=2) for x in (k, v))  # [B, T, N, H]
 
-  def dense_mask():
-    same_document = (documents[:, :, None] == documents[:, None, :]) & (documents[:, None, :] >= 0)
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=same_document[:, None], scale=scale, is_causal=True,
-        local_window_size=None if window is None else (window - 1, 0), implementation='cudnn')
+  def attend(q, k, v, documents):  # one device's rows [b, T] and query heads [n]
+    def dense_mask():
+      same_document = (documents[:, :, None] == documents[:, None, :]) & (documents[:, None, :] >= 0)
+      return jax.nn.dot_product_attention(
+          q, k, v, mask=same_document[:, None], scale=scale, is_causal=True,
+          local_window_size=None if window is None else (window - 1, 0), implementation='cudnn')
 
-  if window is not None or k.shape[2] != q.shape[2]:
-    return dense_mask()
-  lengths, starts, runs = document_segments(documents, CUDNN_MAX_DOCUMENTS)
+    def packed():
+      # cuDNN's packed layout is not in jax.nn.dot_product_attention's API; imported here, so
+      # that a JAX which moves this private module breaks only this GPU path.
+      from jax._src.cudnn import fused_attention_stablehlo as cudnn_fused_attention
+      return cudnn_fused_attention.dot_product_attention(
+          q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts, scale=scale,
+          mask_type=cudnn_fused_attention.MaskType.CAUSAL, sliding_window_length=window)
 
-  def packed():
-    # cuDNN's packed layout is not in jax.nn.dot_product_attention's API; imported here, so
-    # that a JAX which moves this private module breaks only this GPU path.
-    from jax._src.cudnn import fused_attention_stablehlo as cudnn_fused_attention
-    return cudnn_fused_attention.dot_product_attention(
-        q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts, kv_offsets=starts, scale=scale,
-        mask_type=cudnn_fused_attention.MaskType.CAUSAL)
+    lengths, starts, runs = document_segments(documents, CUDNN_MAX_DOCUMENTS)
+    # Rematerialised, so the branch not taken leaves no [b, 1, T, T] mask among the residuals.
+    return jax.lax.cond(jnp.all(runs <= CUDNN_MAX_DOCUMENTS), packed, jax.checkpoint(dense_mask))
 
-  # Rematerialised, so the branch not taken leaves no [B, 1, T, T] mask among the residuals.
-  return jax.lax.cond(jnp.all(runs <= CUDNN_MAX_DOCUMENTS), packed, jax.checkpoint(dense_mask))
+  rows = kernel_sharding.mesh_axes(sharding.ACT_BATCH, batch)
+  heads = kernel_sharding.spec((rows, (), kernel_sharding.mesh_axes(sharding.ACT_HEADS, num_heads), ()))
+  return kernel_sharding.run_sharded(attend, (q, k, v, documents), (heads, heads, heads, kernel_sharding.spec((rows, ()))),
+                                     heads)
 
 
 def cudnn_supported(dtype: jnp.dtype, head_dim: int) -> bool:

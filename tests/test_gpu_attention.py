@@ -27,17 +27,19 @@ def test_cudnn_equals_xla(window, kv_heads, rows):
   k, v = (jnp.asarray(rng.normal(size=(2, 256, kv_heads, 64)), jnp.bfloat16) for _ in range(2))
   index, documents, _ = locate(packed_positions(ROWS[rows], pad_to=256))
   real = (documents >= 0)[:, :, None, None]  # padding queries' outputs are never used; the two forms differ there
-  dy = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  dy = jnp.where(real, jnp.asarray(rng.normal(size=q.shape), jnp.bfloat16), 0)
   forms = {'xla': lambda q, k, v: attention_ops.xla_attention(
                q, k, v, attention_ops.visibility_mask(index, documents, index, documents, window), 0.125),
            'cudnn': lambda q, k, v: attention_ops.cudnn_self_attention(q, k, v, documents, window, 0.125)}
-  results = {}
-  for name, attend in forms.items():
-    loss = lambda q, k, v: jnp.vdot(jnp.where(real, attend(q, k, v), 0).astype(jnp.float32), dy)
-    results[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-  np.testing.assert_allclose(results['cudnn'][0], results['xla'][0], rtol=1e-2)
-  for cudnn, reference in zip(results['cudnn'][1], results['xla'][1]):
-    np.testing.assert_allclose(np.asarray(cudnn, np.float32), np.asarray(reference, np.float32), atol=5e-2)
+  def output_and_grads(attend, q, k, v):
+    out, pullback = jax.vjp(attend, q, k, v)
+    return (jnp.where(real, out, 0),) + pullback(dy)
+
+  results = {name: jax.jit(output_and_grads, static_argnums=0)(attend, q, k, v) for name, attend in forms.items()}
+  # Elementwise, within bf16 rounding: outputs up to ~4 (ulp 1/64), gradients summed over grouped heads up to ~16.
+  for name, cudnn, reference, atol in zip(('y', 'dq', 'dk', 'dv'), results['cudnn'], results['xla'], (2e-2, 5e-2, 5e-2, 5e-2)):
+    np.testing.assert_allclose(np.asarray(cudnn, np.float32), np.asarray(reference, np.float32), atol=atol, rtol=1e-2,
+                               err_msg=name)
 
 
 def test_transformer_logits_and_grads_match_across_impls():
