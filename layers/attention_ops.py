@@ -76,9 +76,10 @@ def cudnn_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, documents: ja
   CUDNN_MAX_DOCUMENTS runs takes the dense document mask instead (lax.cond, on device).
 
   Keys and values are repeated to the query heads (GQA/MQA): JAX's packed call computes
-  the K/V offsets with the query heads' count (read in JAX 0.10.2). Under a mesh each device attends over
-  its own rows and query heads (jax.shard_map): XLA's partitioning of the packed call
-  over the batch gives wrong gradients (flat FSDP loss curves on 2 H200s).
+  the K/V offsets with the query heads' count (read in JAX 0.10.2). Under a mesh each
+  device attends over its own rows and query heads (jax.shard_map): XLA's partitioning
+  of the packed call over the batch gives wrong gradients (flat FSDP loss curves on
+  2 H200s) and refuses K/V sharded unlike Q.
   """
   batch, length, num_heads, _ = q.shape
   window = window if window is not None and window < length else None
