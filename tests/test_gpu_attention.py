@@ -31,6 +31,7 @@ def test_cudnn_equals_xla(window, kv_heads, rows):
   forms = {'xla': lambda q, k, v: attention_ops.xla_attention(
                q, k, v, attention_ops.visibility_mask(index, documents, index, documents, window), 0.125),
            'cudnn': lambda q, k, v: attention_ops.cudnn_self_attention(q, k, v, documents, window, 0.125)}
+
   def output_and_grads(attend, q, k, v):
     out, pullback = jax.vjp(attend, q, k, v)
     return (jnp.where(real, out, 0),) + pullback(dy)
