@@ -83,38 +83,6 @@ def recurrent_wkv(r, k, v, log_w, u, reset, initial_state=None):
   return jnp.moveaxis(y, 0, 1), final
 
 
-def _pair_decays(g_q: jax.Array, g_k: jax.Array) -> jax.Array:
-  """[..., c, K] each -> exp(g_q[t] - g_k[s]) for s < t, else 0: [..., c, c, K]."""
-  c = g_q.shape[-2]
-  strict = jnp.tril(jnp.ones((c, c), bool), -1)[:, :, None]
-  return jnp.exp(jnp.where(strict, g_q[..., :, None, :] - g_k[..., None, :, :], -jnp.inf))
-
-
-@jax.custom_vjp
-def _decayed_scores(q: jax.Array, k: jax.Array, g_q: jax.Array, g_k: jax.Array) -> jax.Array:
-  """[..., c, K] each -> [..., c, c]: sum_K q_t k_s exp(g_q[t] - g_k[s]) over pairs s < t of one sub-chunk.
-
-  The [c, c, K] decays are recomputed inside each reduction, never stored: the forward is
-  one reduction, the backward two (d g_q = q * d q and d g_k = -k * d k need no more).
-  """
-  return jnp.sum(q[..., :, None, :] * k[..., None, :, :] * _pair_decays(g_q, g_k), axis=-1)
-
-
-def _decayed_scores_fwd(q, k, g_q, g_k):
-  return _decayed_scores(q, k, g_q, g_k), (q, k, g_q, g_k)
-
-
-def _decayed_scores_bwd(residuals, d_scores):
-  q, k, g_q, g_k = residuals
-  weighted = d_scores[..., None] * _pair_decays(g_q, g_k)     # [..., c, c, K]
-  d_q = jnp.sum(weighted * k[..., None, :, :], axis=-2)        # [..., c, K]
-  d_k = jnp.sum(weighted * q[..., :, None, :], axis=-3)        # [..., c, K]
-  return d_q, d_k, q * d_q, -k * d_k
-
-
-_decayed_scores.defvjp(_decayed_scores_fwd, _decayed_scores_bwd)
-
-
 def _within_chunks(r, k, v, log_w, u, reset, sub):
   """Each chunk from a zero state. Arrays [..., C, N, X] (leading axes: batch and chunk).
 
@@ -143,7 +111,9 @@ def _within_chunks(r, k, v, log_w, u, reset, sub):
     inter = jnp.einsum('...ick,...isk->...ics', q_inter, k_inter)            # [..., N, m, c, C]
     y = jnp.einsum('...ics,...sv->...icv', jnp.where(same_blocked, inter, 0.0), v)
   # Pairs inside one sub-chunk (s < t): the exponent taken directly.
-  diagonal = _decayed_scores(blocked(r), blocked(k), blocked(g_ex), blocked(g))  # [..., N, m, c, c]
+  strict = jnp.tril(jnp.ones((sub, sub), bool), -1)
+  gap = jnp.where(strict[:, :, None], blocked(g_ex)[..., :, None, :] - blocked(g)[..., None, :, :], -jnp.inf)
+  diagonal = jnp.einsum('...tk,...sk,...tsk->...ts', blocked(r), blocked(k), jnp.exp(gap))  # [..., N, m, c, c]
   same_diagonal = jnp.stack([same_blocked[..., i, :, i * sub:(i + 1) * sub] for i in range(m)], axis=-3)
   diagonal = jnp.where(same_diagonal, diagonal, 0.0)                         # no pair across a document start
   y = y + jnp.einsum('...its,...isv->...itv', diagonal, blocked(v))
