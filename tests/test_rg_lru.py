@@ -9,7 +9,7 @@ from flax import nnx
 from layers.conv1d import CausalConv1D
 from layers.documents import locate
 from layers.linear_recurrence import linear_recurrence
-from layers.rg_lru import RGLRU, a_param_init, sqrt_bounded_derivative
+from layers.rg_lru import RGLRU, a_param_init, decays_and_inputs, rg_lru, sqrt_bounded_derivative
 from tests.helpers import packed_positions
 
 IMPLS = ('sequential', 'associative', 'chunked')
@@ -166,6 +166,35 @@ def test_rg_lru_left_padding_and_gradients():
   graphdef, state = nnx.split(lru)
   grads = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x, packed_positions([[4, 6]]))[0])))(state)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('a_param_shift', [0.0, -30.0])  # -30: a -> 1, where the sqrt's derivative is bounded
+def test_rg_lru_backward_equals_autodiff(impl, a_param_shift):
+  """The hand-written VJP against autodiff through the gates and the recurrence, with document starts,
+  padding (left, inside, right), an initial state and cotangents on both outputs."""
+  positions = jnp.asarray([[-1, -1] + list(range(5)) + list(range(7)) + [-1],
+                           list(range(9)) + list(range(3)) + [-1, -1, -1]], jnp.int32)
+  x, gate_logits, h0 = normal((2, 15, 8), 6), normal((2, 15, 2, 8), 7), normal((2, 8), 8)
+  a_param = normal((8,), 9) + a_param_shift
+  d_y, d_last = normal((2, 15, 8), 10), normal((2, 8), 11)
+
+  def custom(x, gate_logits, a_param, h0):
+    return rg_lru(x, gate_logits, a_param, positions, h0, impl=impl, chunk_size=4)
+
+  def autodiff(x, gate_logits, a_param, h0):
+    return linear_recurrence(*decays_and_inputs(x, gate_logits, a_param, positions, 8.0), h0, impl=impl,
+                             chunk_size=4)
+
+  args = (x, gate_logits, a_param, h0)
+  (y, last), pullback = jax.vjp(custom, *args)
+  (y_ref, last_ref), pullback_ref = jax.vjp(autodiff, *args)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(last, last_ref, rtol=1e-6, atol=1e-6)
+  for name, got, want in zip(('x', 'gate_logits', 'a_param', 'state'), pullback((d_y, d_last)),
+                             pullback_ref((d_y, d_last))):
+    assert bool(jnp.all(jnp.isfinite(got))), name
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def conv_by_hand(kernel, bias, x, documents):
