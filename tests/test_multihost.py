@@ -4,7 +4,9 @@ recurrent family (Hawk: RG-LRU state, conv); the Transformer's two processes are
 killed mid-run and resumed, so its curve checks the resume too (every loss in it
 still comes from two processes: the records past the checkpoint are rewritten by the
 resumed pair). Tolerance: the processes' all-reduces go through gloo instead of one
-process's in-memory reduction, so sums may round differently: rtol 1e-5 on losses."""
+process's in-memory reduction, so sums may round differently: rtol 1e-5 on losses, in float32
+compute (in bf16 such a difference can flip an activation's rounding, and 12 steps of a tiny
+model's fast-falling loss grew one flip to 1.3e-4 for Hawk)."""
 import json
 import os
 import signal
@@ -28,7 +30,8 @@ def free_port() -> int:
 def launch(workdir, data_dir, config, processes, devices_per_process):
   flags = [f'--config={config}', f'--workdir={workdir}', f'--config.dataset.data_dir={data_dir}',
            f'--config.total_steps={STEPS}', '--config.log_every=1', '--config.checkpoint_every=4',
-           '--config.eval_every=1000', '--config.eval_batches=1', '--config.seq_len=32', '--config.batch_size=8']
+           '--config.eval_every=1000', '--config.eval_batches=1', '--config.seq_len=32', '--config.batch_size=8',
+           '--config.model.dtype=float32']  # bf16 would turn a reduction's rounding into 2^-8 flips that grow
   env = dict(os.environ, JAX_PLATFORMS='cpu',  # the last device count in XLA_FLAGS wins
              XLA_FLAGS=os.environ['XLA_FLAGS'] + f' --xla_force_host_platform_device_count={devices_per_process}')
   if processes > 1:

@@ -1,5 +1,6 @@
 """Griffin's layers: the linear recurrence's three forms, the RG-LRU (equations, resets,
-padding, recurrent == parallel form, bounded sqrt gradient) and the document-aware causal conv."""
+padding, recurrent == parallel form, bounded sqrt gradient, hand-written backward == autodiff)
+and the document-aware causal conv."""
 import jax
 import jax.numpy as jnp
 import numpy as np
