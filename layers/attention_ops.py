@@ -106,8 +106,8 @@ def cudnn_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, documents: ja
 
   rows = kernel_sharding.mesh_axes(sharding.ACT_BATCH, batch)
   heads = kernel_sharding.spec((rows, (), kernel_sharding.mesh_axes(sharding.ACT_HEADS, num_heads), ()))
-  return kernel_sharding.run_sharded(attend, (q, k, v, documents), (heads, heads, heads, kernel_sharding.spec((rows, ()))),
-                                     heads)
+  row_documents = kernel_sharding.spec((rows, ()))
+  return kernel_sharding.run_sharded(attend, (q, k, v, documents), (heads, heads, heads, row_documents), heads)
 
 
 def cudnn_supported(dtype: jnp.dtype, head_dim: int) -> bool:

@@ -142,8 +142,12 @@ def decays_and_inputs(x: jax.Array, gate_logits: jax.Array, a_param: jax.Array, 
   gate_x, _, _, log_a, reset, padding = _gates(gate_logits, a_param, positions, c)
   multiplier = jnp.where(reset, 1.0, sqrt_bounded_derivative(-jnp.expm1(2 * log_a), MAX_SQRT_GRADIENT))
   normalized = jnp.where(padding, 0.0, x.astype(jnp.float32) * gate_x * multiplier)
-  a = jnp.where(padding, 1.0, jnp.where(reset, 0.0, jnp.exp(log_a)))
-  return a, normalized
+  return _masked_decay(jnp.exp(log_a), reset, padding), normalized
+
+
+def _masked_decay(decay: jax.Array, reset: jax.Array, padding: jax.Array) -> jax.Array:
+  """a_t: 0 at a document start (nothing before it reaches h_t), 1 on padding (the state passes through)."""
+  return jnp.where(padding, 1.0, jnp.where(reset, 0.0, decay))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -168,7 +172,7 @@ def _rg_lru_backward(c: float, impl: str, chunk_size: int, residuals: tuple, cot
   gate_x, gate_a, softplus, log_a, reset, padding = _gates(gate_logits, a_param, positions, c)  # recomputed
   decay = jnp.exp(log_a)
   one_minus_a2 = -jnp.expm1(2 * log_a)
-  a = jnp.where(padding, 1.0, jnp.where(reset, 0.0, decay))
+  a = _masked_decay(decay, reset, padding)
   # Reverse recurrence for g_t = dL/d(input at t) = d_h_t + a_{t+1} g_{t+1}, run forwards on reversed time.
   d_h = d_y.astype(jnp.float32).at[:, -1].add(d_last)
   a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
@@ -184,8 +188,8 @@ def _rg_lru_backward(c: float, impl: str, chunk_size: int, residuals: tuple, cot
   d_gate_x = d_input * x32 * multiplier
   d_multiplier = jnp.where(reset, 0.0, d_input * x32 * gate_x)
   floor = 1.0 / (4.0 * MAX_SQRT_GRADIENT ** 2)                  # sqrt_bounded_derivative's bound
-  d_log_a = (d_decay * decay
-             - d_multiplier * jax.lax.rsqrt(jnp.maximum(one_minus_a2, floor)) * jnp.exp(2 * log_a))
+  d_log_a = (d_decay * decay                                    # d(1 - a^2) / d log_a = -2 a^2
+             - d_multiplier * jax.lax.rsqrt(jnp.maximum(one_minus_a2, floor)) * jnp.square(decay))
   d_gate_a = -c * softplus * d_log_a
   d_logits = jnp.stack([d_gate_x * gate_x * (1 - gate_x), d_gate_a * gate_a * (1 - gate_a)], axis=-2)
   d_softplus = jnp.sum(-c * gate_a * d_log_a, axis=(0, 1))     # [W]
