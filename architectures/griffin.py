@@ -39,9 +39,9 @@ from layers.conv1d import CausalConv1D, ConvState
 from layers.documents import Cursor, locate
 from layers.kv_cache import KVCache
 from layers.linear import Dense
-from layers.linear_recurrence import IMPLEMENTATIONS as LRU_IMPLEMENTATIONS
 from layers.mlp import GatedMLP
 from layers.norms import RMSNorm
+from layers.rg_lru import IMPLEMENTATIONS as LRU_IMPLEMENTATIONS
 from layers.rg_lru import RGLRU
 from layers.token_io import TokenIO
 
@@ -64,7 +64,7 @@ class GriffinConfig(ModelConfig):
   lru_c: float = 8.0
   lru_min_rad: float = 0.9
   lru_max_rad: float = 0.999
-  lru_impl: str = 'auto'        # 'sequential' | 'associative' | 'chunked' | 'auto' (layers/linear_recurrence.py)
+  lru_impl: str = 'auto'        # 'fused' (GPU kernel) | 'sequential' | 'associative' | 'chunked' | 'pallas' | 'auto'
   lru_chunk_size: int = 128
   rope_base: float = 10000.0
   rope_fraction: float = 0.5    # RecurrentGemma rotates the first half of each head's dims

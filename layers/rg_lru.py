@@ -13,9 +13,11 @@ as it is (a = 1, no input), so real tokens never see it. The state and the
 elementwise maths are float32 whatever the compute dtype; the gate matmuls
 run in the compute dtype; the output is cast back to it.
 
-sqrt(1 - a^2) uses a square root whose derivative is bounded by 1000 (taken at
-max(x, 1 / (4 * 1000^2))), so a -> 1 gives no infinite gradient in bf16
-(recurrentgemma's `sqrt_bound_derivative`).
+The per-position maths and their chain rule are layers/rg_lru_gates.py; `impl`
+picks how the recurrence runs: a form of layers/linear_recurrence.py around
+XLA's elementwise passes, or 'fused', one Pallas Triton kernel each way for
+the gates and the scan together on GPU (layers/pallas_rg_lru.py). 'auto' is
+'fused' on GPU and linear_recurrence's choice elsewhere.
 
 `a_param` starts so that a = exp(-softplus(a_param)) lies in [0.9, 0.999],
 uniform by area of the ring: a = sqrt(U(0.9^2, 0.999^2)).
@@ -26,29 +28,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers import sharding
-from layers.linear_recurrence import IMPLEMENTATIONS, linear_recurrence
+from layers import kernel_sharding, pallas_rg_lru, sharding
+from layers.linear_recurrence import IMPLEMENTATIONS as RECURRENCE_IMPLEMENTATIONS
+from layers.linear_recurrence import linear_recurrence
+from layers.linear_recurrence import resolve_impl as resolve_recurrence_impl
+from layers.rg_lru_gates import MAX_SQRT_GRADIENT, chain_rule, gates, normalized_input, sqrt_bounded_derivative
 
-MAX_SQRT_GRADIENT = 1000.0
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def sqrt_bounded_derivative(x: jax.Array, max_gradient: float) -> jax.Array:
-  """sqrt(x) whose derivative is at most `max_gradient` (evaluated at max(x, 1 / (4 max_gradient^2)))."""
-  return jnp.sqrt(x)
+IMPLEMENTATIONS = (*RECURRENCE_IMPLEMENTATIONS, 'fused')
 
 
-def _sqrt_forward(x, max_gradient):
-  del max_gradient
-  return jnp.sqrt(x), x
-
-
-def _sqrt_backward(max_gradient, x, cotangent):
-  floor = 1.0 / (4.0 * max_gradient ** 2)
-  return (cotangent * 0.5 * jax.lax.rsqrt(jnp.maximum(x, floor)),)
-
-
-sqrt_bounded_derivative.defvjp(_sqrt_forward, _sqrt_backward)
+def resolve_impl(impl: str) -> str:
+  """'auto': the fused kernels on GPU (docs/performance.md), else linear_recurrence's choice for the platform
+  compiled for (the Pallas linear scan on TPU, the sequential scan on CPU)."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'unknown RG-LRU impl {impl!r}; known: {IMPLEMENTATIONS}')
+  platform = kernel_sharding.compile_platform()
+  if impl == 'fused' and platform == 'tpu':
+    raise ValueError("RG-LRU impl 'fused' is a Pallas Triton kernel for GPUs; on TPU use 'pallas' or 'auto'")
+  if impl == 'auto':
+    return 'fused' if platform == 'gpu' else resolve_recurrence_impl(impl)
+  return impl
 
 
 def a_param_init(min_rad: float = 0.9, max_rad: float = 0.999):
@@ -90,6 +89,8 @@ class BlockDiagonalLinear(nnx.Module):
 
 
 class RGLRU(nnx.Module):
+  """Eqs. 1-4 on x [B, T, W] with block-diagonal gates. `impl`: see the module docstring; `chunk_size`: the
+  'chunked' form's chunk length, and the fewest steps a program of the fused kernels walks when they split time."""
 
   def __init__(self, width: int, num_heads: int, *, c: float = 8.0, min_rad: float = 0.9, max_rad: float = 0.999,
                impl: str = 'auto', chunk_size: int = 128, dtype: jnp.dtype = jnp.float32,
@@ -120,18 +121,20 @@ def rg_lru(x: jax.Array, gate_logits: jax.Array, a_param: jax.Array, positions: 
            *, c: float = 8.0, impl: str = 'auto', chunk_size: int = 128) -> tuple[jax.Array, jax.Array]:
   """The RG-LRU from its gates' pre-activations [B, T, 2, W] (a pure function; jitted, so that an
   un-jitted call compiles it once rather than op by op)."""
+  impl = resolve_impl(impl)
+  if impl == 'fused' and x.shape[1] == 1:
+    impl = 'sequential'  # one decode step: no kernel to launch
   if state is None:
     state = jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32)
   return _rg_lru(x, gate_logits, a_param, positions, state.astype(jnp.float32), c, impl, chunk_size)
 
 
-def _gates(gate_logits: jax.Array, a_param: jax.Array, positions: jax.Array, c: float) -> tuple[jax.Array, ...]:
-  """Eqs. 1-3: i_t, r_t, softplus(a_param), log a_t (float32 [B, T, W]) and the reset and padding masks [B, T, 1]."""
-  gates = jax.nn.sigmoid(gate_logits.astype(jnp.float32))
-  gate_x, gate_a = gates[..., 0, :], gates[..., 1, :]
+def _gates(gate_logits: jax.Array, a_param: jax.Array, positions: jax.Array, c: float, sqrt=jnp.sqrt):
+  """Eqs. 1-3 on [B, T, 2, W] pre-activations: (Gates [B, T, W], softplus [W], reset and padding [B, T, 1])."""
   softplus = jax.nn.softplus(a_param.astype(jnp.float32))
-  log_a = -c * gate_a * softplus
-  return gate_x, gate_a, softplus, log_a, (positions == 0)[..., None], (positions < 0)[..., None]
+  reset, padding = (positions == 0)[..., None], (positions < 0)[..., None]
+  g = gates(gate_logits[..., 0, :], gate_logits[..., 1, :], softplus, reset, padding, c, sqrt)
+  return g, softplus, reset, padding
 
 
 def decays_and_inputs(x: jax.Array, gate_logits: jax.Array, a_param: jax.Array, positions: jax.Array,
@@ -139,63 +142,56 @@ def decays_and_inputs(x: jax.Array, gate_logits: jax.Array, a_param: jax.Array, 
   """Eqs. 1-3 and 4's input term: the decays a_t and inputs sqrt(1 - a_t^2) (i_t x_t), float32 [B, T, W] each,
   with document starts (a = 0, no sqrt factor) and padding (a = 1, no input). Differentiable as written:
   `_rg_lru`'s hand-written backward is tested equal to autodiff through this and the recurrence."""
-  gate_x, _, _, log_a, reset, padding = _gates(gate_logits, a_param, positions, c)
-  multiplier = jnp.where(reset, 1.0, sqrt_bounded_derivative(-jnp.expm1(2 * log_a), MAX_SQRT_GRADIENT))
-  normalized = jnp.where(padding, 0.0, x.astype(jnp.float32) * gate_x * multiplier)
-  return _masked_decay(jnp.exp(log_a), reset, padding), normalized
-
-
-def _masked_decay(decay: jax.Array, reset: jax.Array, padding: jax.Array) -> jax.Array:
-  """a_t: 0 at a document start (nothing before it reaches h_t), 1 on padding (the state passes through)."""
-  return jnp.where(padding, 1.0, jnp.where(reset, 0.0, decay))
+  bounded_sqrt = functools.partial(sqrt_bounded_derivative, max_gradient=MAX_SQRT_GRADIENT)
+  g, _, _, padding = _gates(gate_logits, a_param, positions, c, bounded_sqrt)
+  return g.a, normalized_input(x, g, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _rg_lru(x: jax.Array, gate_logits: jax.Array, a_param: jax.Array, positions: jax.Array, state: jax.Array,
             c: float, impl: str, chunk_size: int) -> tuple[jax.Array, jax.Array]:
   """y [B, T, W] (x's dtype), last state [B, W] float32, with a hand-written backward: the same recurrence run on
-  reversed time for the state's cotangents, then the gates' chain rule in elementwise passes and one reduction
-  for a_param (residuals: the inputs and h). Against autodiff through the associative scan's transpose: a
+  reversed time for the state's cotangents, then the gates' chain rule (residuals: the inputs and h), by the
+  fused kernels or in XLA. The XLA backward against autodiff through the associative scan's transpose: a
   Griffin step at recurrentgemma's bench shape 61.0 -> 58.7 ms on an H200 (same run, docs/performance.md)."""
   return _rg_lru_forward(x, gate_logits, a_param, positions, state, c, impl, chunk_size)[0]
 
 
 def _rg_lru_forward(x, gate_logits, a_param, positions, state, c, impl, chunk_size):
-  h, last = linear_recurrence(*decays_and_inputs(x, gate_logits, a_param, positions, c), state, impl=impl,
-                              chunk_size=chunk_size)
-  return (h.astype(x.dtype), last), (x, gate_logits, a_param, positions, state, h)
+  if impl == 'fused':
+    y, h, last = pallas_rg_lru.forward(x, gate_logits, a_param, positions, state, c, chunk_size)
+  else:
+    h, last = linear_recurrence(*decays_and_inputs(x, gate_logits, a_param, positions, c), state, impl=impl,
+                                chunk_size=chunk_size)
+    y = h.astype(x.dtype)
+  return (y, last), (x, gate_logits, a_param, positions, state, h)
 
 
 def _rg_lru_backward(c: float, impl: str, chunk_size: int, residuals: tuple, cotangents: tuple) -> tuple:
   x, gate_logits, a_param, positions, state, h = residuals
   d_y, d_last = cotangents                                      # [B, T, W], [B, W]
-  gate_x, gate_a, softplus, log_a, reset, padding = _gates(gate_logits, a_param, positions, c)  # recomputed
-  decay = jnp.exp(log_a)
-  one_minus_a2 = -jnp.expm1(2 * log_a)
-  a = _masked_decay(decay, reset, padding)
-  # Reverse recurrence for g_t = dL/d(input at t) = d_h_t + a_{t+1} g_{t+1}, run forwards on reversed time.
-  d_h = d_y.astype(jnp.float32).at[:, -1].add(d_last)
-  a_next = jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1)
-  g = jnp.flip(linear_recurrence(jnp.flip(a_next, 1), jnp.flip(d_h, 1), impl=impl, chunk_size=chunk_size)[0], 1)
-  h_before = jnp.concatenate([state[:, None], h[:, :-1]], axis=1)  # h_{t-1}
-  d_state = a[:, 0] * g[:, 0]
-  real = ~padding
-  d_decay = jnp.where(real & ~reset, g * h_before, 0.0)        # through a = exp(log_a)
-  d_input = jnp.where(real, g, 0.0)                             # through the normalized input
-  x32 = x.astype(jnp.float32)
-  multiplier = jnp.where(reset, 1.0, jnp.sqrt(one_minus_a2))
-  d_x = d_input * gate_x * multiplier
-  d_gate_x = d_input * x32 * multiplier
-  d_multiplier = jnp.where(reset, 0.0, d_input * x32 * gate_x)
-  floor = 1.0 / (4.0 * MAX_SQRT_GRADIENT ** 2)                  # sqrt_bounded_derivative's bound
-  d_log_a = (d_decay * decay                                    # d(1 - a^2) / d log_a = -2 a^2
-             - d_multiplier * jax.lax.rsqrt(jnp.maximum(one_minus_a2, floor)) * jnp.square(decay))
-  d_gate_a = -c * softplus * d_log_a
-  d_logits = jnp.stack([d_gate_x * gate_x * (1 - gate_x), d_gate_a * gate_a * (1 - gate_a)], axis=-2)
-  d_softplus = jnp.sum(-c * gate_a * d_log_a, axis=(0, 1))     # [W]
+  if impl == 'fused':
+    d_x, d_logits, d_softplus, d_state = pallas_rg_lru.backward(x, gate_logits, a_param, positions, state, h, d_y,
+                                                                d_last, c, chunk_size)
+    d_softplus = jnp.sum(d_softplus, axis=0)
+  else:
+    d_x, d_logits, d_softplus, d_state = _xla_backward(x, gate_logits, a_param, positions, state, h, d_y, d_last, c,
+                                                       impl, chunk_size)
   d_a_param = d_softplus * jax.nn.sigmoid(a_param.astype(jnp.float32))
-  return (d_x.astype(x.dtype), d_logits.astype(gate_logits.dtype), d_a_param.astype(a_param.dtype), None,
-          d_state)
+  return (d_x.astype(x.dtype), d_logits.astype(gate_logits.dtype), d_a_param.astype(a_param.dtype), None, d_state)
+
+
+def _xla_backward(x, gate_logits, a_param, positions, state, h, d_y, d_last, c, impl, chunk_size):
+  """The reverse recurrence g_t = dL/dh_t = dy_t + a_{t+1} g_{t+1} by linear_recurrence on reversed time, then
+  the chain rule elementwise: (dL/dx, dL/d gate_logits, dL/d softplus(a_param) [W], dL/d state)."""
+  g, softplus, reset, padding = _gates(gate_logits, a_param, positions, c)  # recomputed
+  d_h = d_y.astype(jnp.float32).at[:, -1].add(d_last)
+  a_next = jnp.concatenate([g.a[:, 1:], jnp.zeros_like(g.a[:, :1])], axis=1)
+  d_h = jnp.flip(linear_recurrence(jnp.flip(a_next, 1), jnp.flip(d_h, 1), impl=impl, chunk_size=chunk_size)[0], 1)
+  h_before = jnp.concatenate([state[:, None], h[:, :-1]], axis=1)  # h_{t-1}
+  grads = chain_rule(d_h, h_before, x, g, softplus, reset, padding, c)
+  d_logits = jnp.stack([grads.logit_x, grads.logit_a], axis=-2)
+  return grads.x, d_logits, jnp.sum(grads.softplus, axis=(0, 1)), g.a[:, 0] * d_h[:, 0]
 
 
 _rg_lru.defvjp(_rg_lru_forward, _rg_lru_backward)

@@ -29,6 +29,17 @@ def jitted(module, **fixed):
   return lambda *args: fn(state, *args)
 
 
+MESH = dict(data=2, fsdp=2, tensor=2)  # the 8 fake CPU devices of the tests
+
+
+def sharded(fn, *args):
+  """fn(*args) jitted under the 8-CPU-device mesh and the default rules (kernels run inside shard_map)."""
+  from experiments.configs.common import DEFAULT_SHARDING_RULES
+  mesh = jax.make_mesh(tuple(MESH.values()), tuple(MESH), axis_types=(jax.sharding.AxisType.Auto,) * len(MESH))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(DEFAULT_SHARDING_RULES):
+    return jax.jit(fn)(*args)
+
+
 def packed_positions(lengths_per_row: list[list[int]], pad_to: int | None = None) -> jnp.ndarray:
   """Positions of rows packing documents of the given lengths (0 at each start), padded with -1."""
   rows = [np.concatenate([np.arange(n) for n in lengths]) for lengths in lengths_per_row]

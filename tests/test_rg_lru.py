@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from layers import kernel_sharding
 from layers.conv1d import CausalConv1D
 from layers.documents import locate
 from layers.linear_recurrence import linear_recurrence
-from layers.rg_lru import RGLRU, a_param_init, decays_and_inputs, rg_lru, sqrt_bounded_derivative
-from tests.helpers import packed_positions
+from layers.rg_lru import RGLRU, a_param_init, decays_and_inputs, resolve_impl, rg_lru
+from layers.rg_lru_gates import sqrt_bounded_derivative
+from tests.helpers import packed_positions, sharded
 
 IMPLS = ('sequential', 'associative', 'chunked')
+LRU_IMPLS = (*IMPLS, 'fused')  # + the Pallas Triton kernel (interpret mode on CPU)
 call = nnx.jit(lambda module, *args: module(*args))  # one compile per module shape, instead of op-by-op
 
 
@@ -143,8 +146,8 @@ def test_rg_lru_forms_equal():
   positions = packed_positions([[6, 17], [23]])
   x = normal((2, 23, 8), 3)
   h0 = normal((2, 8), 4)
-  outputs = {impl: call(make_lru(impl), x, positions, h0) for impl in IMPLS}
-  for impl in IMPLS[1:]:
+  outputs = {impl: call(make_lru(impl), x, positions, h0) for impl in LRU_IMPLS}
+  for impl in LRU_IMPLS[1:]:
     for got, want in zip(outputs[impl], outputs['sequential']):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   lru = make_lru('sequential')
@@ -169,7 +172,7 @@ def test_rg_lru_left_padding_and_gradients():
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize('impl', IMPLS)
+@pytest.mark.parametrize('impl', LRU_IMPLS)
 @pytest.mark.parametrize('a_param_shift', [0.0, -30.0])  # -30: a -> 1, where the sqrt's derivative is bounded
 def test_rg_lru_backward_equals_autodiff(impl, a_param_shift):
   """The hand-written VJP against autodiff through the gates and the recurrence, with document starts,
@@ -184,8 +187,8 @@ def test_rg_lru_backward_equals_autodiff(impl, a_param_shift):
     return rg_lru(x, gate_logits, a_param, positions, h0, impl=impl, chunk_size=4)
 
   def autodiff(x, gate_logits, a_param, h0):
-    return linear_recurrence(*decays_and_inputs(x, gate_logits, a_param, positions, 8.0), h0, impl=impl,
-                             chunk_size=4)
+    return linear_recurrence(*decays_and_inputs(x, gate_logits, a_param, positions, 8.0), h0,
+                             impl='sequential' if impl == 'fused' else impl, chunk_size=4)
 
   args = (x, gate_logits, a_param, h0)
   (y, last), pullback = jax.vjp(custom, *args)
@@ -196,6 +199,52 @@ def test_rg_lru_backward_equals_autodiff(impl, a_param_shift):
                              pullback_ref((d_y, d_last))):
     assert bool(jnp.all(jnp.isfinite(got))), name
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_auto_picks_the_fused_kernel_when_compiling_for_gpu(monkeypatch):
+  assert resolve_impl('auto') == 'sequential'  # this CPU
+  monkeypatch.setattr(kernel_sharding, 'compile_platform', lambda: 'gpu')
+  assert resolve_impl('auto') == 'fused'
+  with pytest.raises(ValueError, match="unknown RG-LRU impl 'triton'"):
+    resolve_impl('triton')
+
+
+@pytest.mark.parametrize('chunk_size', [8, 1000])  # 8: time split into 4 chunks, composed by the summaries; 1000: one
+def test_fused_kernel_equals_xla_form(chunk_size):
+  """The fused Pallas kernels (layers/pallas_rg_lru.py) against the XLA form in values and gradients, over
+  several channel blocks (W = 24: 3 blocks of 8), time padded to whole chunks, document starts at chunk
+  borders and inside, padding, an initial state and bfloat16 inputs."""
+  starts = [0, 5, 16, 17, 40]  # 16: the first step of a chunk of 16 (chunk_size 8 gives 4 chunks of 16)
+  positions = np.full((4, 45), -1, np.int32)
+  for row, first in enumerate((2, 0, 1, 0)):  # left padding in rows 0 and 2, right padding in rows 1 and 3
+    position = 0
+    for t in range(first, 45 - 3 * (row % 2)):
+      position = 0 if t in starts else position + 1
+      positions[row, t] = position
+  positions = jnp.asarray(positions)
+  x, gate_logits = normal((4, 45, 24), 12).astype(jnp.bfloat16), normal((4, 45, 2, 24), 13).astype(jnp.bfloat16)
+  a_param, h0 = normal((24,), 14), normal((4, 24), 15)
+  d_y, d_last = normal((4, 45, 24), 16).astype(jnp.bfloat16), normal((4, 24), 17)
+
+  def outputs_and_gradients(impl):
+    def fn(x, gate_logits, a_param, h0):
+      outputs, pullback = jax.vjp(lambda *args: rg_lru(*args[:3], positions, args[3], impl=impl,
+                                                       chunk_size=chunk_size), x, gate_logits, a_param, h0)
+      return (*outputs, *pullback((d_y, d_last)))
+    return fn
+
+  want = jax.jit(outputs_and_gradients('sequential'))(x, gate_logits, a_param, h0)
+  fused = outputs_and_gradients('fused')
+  # Alone, and under the 8-device mesh of the CPU tests: rows over data x fsdp, channels over `tensor` (12 a
+  # device, blocks of 4). On one GPU, the native kernels alone.
+  runs = [jax.jit(fused)(x, gate_logits, a_param, h0)]
+  if jax.device_count() >= 8:
+    runs.append(sharded(fused, x, gate_logits, a_param, h0))
+  for got in runs:
+    for name, got_one, want_one in zip(('y', 'last', 'd_x', 'd_gate_logits', 'd_a_param', 'd_state'), got, want):
+      assert got_one.dtype == want_one.dtype, name
+      np.testing.assert_allclose(np.asarray(got_one, np.float32), np.asarray(want_one, np.float32),
+                                 rtol=1e-2 if got_one.dtype == jnp.bfloat16 else 1e-5, atol=1e-5, err_msg=name)
 
 
 def conv_by_hand(kernel, bias, x, documents):

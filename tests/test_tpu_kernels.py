@@ -9,29 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from experiments.configs.common import DEFAULT_SHARDING_RULES
-from layers import attention_ops, linear_recurrence
+from layers import attention_ops, linear_recurrence, rg_lru
 from layers.documents import locate
 from layers.linear_recurrence import linear_recurrence as recurrence
-from tests.helpers import family_tiny_config, packed_positions
+from tests.helpers import MESH, family_tiny_config, packed_positions, sharded
 from trainers.experiment import Experiment
 from trainers.tpu_compile import compile_decode_step, compile_train_step, topology_devices
 
 TOPOLOGY = 'v5e:2x4'
-MESH = dict(data=2, fsdp=2, tensor=2)
-
-
-def cpu_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh(tuple(MESH.values()), tuple(MESH), axis_types=(jax.sharding.AxisType.Auto,) * len(MESH))
-
-
-def sharded(fn, *args):
-  """fn(*args) jitted under the 8-CPU-device mesh and the default rules (kernels inside shard_map)."""
-  with jax.set_mesh(cpu_mesh()), nnx.logical_axis_rules(DEFAULT_SHARDING_RULES):
-    return jax.jit(fn)(*args)
-
 
 @pytest.mark.parametrize('window, kv_heads', [(None, 2), (17, 1)])  # global GQA; sliding-window MQA
 def test_splash_equals_xla_over_packed_rows(window, kv_heads):
@@ -84,6 +70,9 @@ def test_auto_picks_the_kernels_only_when_compiling_for_tpu():
     assert attention_ops.resolve_impl('auto', jnp.bfloat16, 64, 96) == 'xla'    # T not a multiple of 128
     assert attention_ops.resolve_impl('auto', jnp.bfloat16, 64, None) == 'xla'  # cache / cross-attention
     assert linear_recurrence.resolve_impl('auto') == 'pallas'
+    assert rg_lru.resolve_impl('auto') == 'pallas'
+    with pytest.raises(ValueError, match="'fused' is a Pallas Triton kernel for GPUs"):
+      rg_lru.resolve_impl('fused')
 
 
 def test_clear_errors():
