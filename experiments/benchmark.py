@@ -7,6 +7,7 @@
       --config.mesh.fsdp=2 --config.batch_size=16                                     # FSDP over 2 GPUs
   python -m experiments.benchmark --mode=op --op=wkv --op_shape=8,2048,16,64 --peer  # + fla chunk_rwkv6
   python -m experiments.benchmark --mode=op --op=attention --op_shape=8,4096,16,64   # cuDNN over documents
+  python -m experiments.benchmark --mode=op --op=rg_lru --op_shape=8,2048,8,128     # fused RG-LRU, W = 1024
 
 `--mode=train`: compile time, the median step time of `--steps` timed steps
 (after `--warmup` untimed ones), tokens/s, MFU (MaxText-style FLOPs against
@@ -15,7 +16,7 @@ the chip's peak bf16 rate) and the device's peak memory.
 long, the time per generated token after it (median over `--steps` tokens)
 and the exact decode-cache bytes.
 `--mode=op`: forward + backward time of one operator (trainers/measure_ops.py)
-at `--op_shape` = B,T,H,D; no config needed.
+at `--op_shape` = B,T,H,D (the RG-LRU's width is H x D); no config needed.
 `--peer`: also times the family's peer (experiments/peers) at the same shape
 in the same run, and reports our tokens/s over the peer's.
 `--num_devices`: use the first N devices (default all); the config's mesh must

@@ -4,6 +4,9 @@
   gated_retention  YOCO's gated retention, chunked form (layers/gated_retention_ops.py)
   attention        causal multi-head self-attention over rows of up to 4 documents
                    (layers/attention_ops.self_attention, impl 'auto': cuDNN on a GPU)
+  rg_lru           Griffin's RG-LRU from its gates' pre-activations, width W = H x D (layers/rg_lru.py,
+                   impl 'auto': the fused Pallas kernels on a GPU)
+  rg_lru_xla       the same in XLA: elementwise passes around an associative scan
 
 Inputs are [B, T, H, D] in bf16 with float32 decays; the recurrences see one
 document per row (no reset inside, as the peer's dense call); the timed function is the jitted
@@ -19,6 +22,7 @@ import numpy as np
 
 from layers import attention_ops
 from layers.gated_retention_ops import chunked_retention
+from layers.rg_lru import a_param_init, rg_lru
 from layers.wkv import chunked_wkv
 from trainers.measure import timed
 
@@ -53,6 +57,21 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return attention_ops.self_attention(q, k, v, index, documents, None, q.shape[-1] ** -0.5, 'auto')
 
 
+def _rg_lru_inputs(key, batch: int, seq_len: int, heads: int, head_dim: int) -> tuple:
+  kx, kg, ka = jax.random.split(key, 3)
+  width = heads * head_dim
+  x = jax.random.normal(kx, (batch, seq_len, width), jnp.bfloat16)
+  gate_logits = jax.random.normal(kg, (batch, seq_len, 2, width), jnp.bfloat16)
+  return x, gate_logits, a_param_init()(ka, (width,))
+
+
+def _rg_lru(impl: str) -> Callable:
+  def forward(x: jax.Array, gate_logits: jax.Array, a_param: jax.Array) -> jax.Array:
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])  # one document a row
+    return rg_lru(x, gate_logits, a_param, positions, None, impl=impl)[0]
+  return forward
+
+
 def _no_reset(x: jax.Array) -> jax.Array:
   return jnp.zeros(x.shape[:2], bool)                                               # [B, T]
 
@@ -62,6 +81,8 @@ OPERATORS: dict[str, tuple[Callable, Callable]] = {
     'gated_retention': (_retention_inputs,
                         lambda q, k, v, g: chunked_retention(q, k, v, g, _no_reset(q), chunk_size=64)[0]),
     'attention': (_attention_inputs, _attention),
+    'rg_lru': (_rg_lru_inputs, _rg_lru('auto')),
+    'rg_lru_xla': (_rg_lru_inputs, _rg_lru('associative')),
 }
 
 
