@@ -19,6 +19,7 @@ from trainers.tpu_compile import compile_decode_step, compile_train_step, topolo
 
 TOPOLOGY = 'v5e:2x4'
 
+
 @pytest.mark.parametrize('window, kv_heads', [(None, 2), (17, 1)])  # global GQA; sliding-window MQA
 def test_splash_equals_xla_over_packed_rows(window, kv_heads):
   batch, length, heads, head_dim = 4, 128, 4, 16
