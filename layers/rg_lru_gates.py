@@ -19,7 +19,11 @@ import jax
 import jax.numpy as jnp
 
 MAX_SQRT_GRADIENT = 1000.0
-_SQRT_FLOOR = 1.0 / (4.0 * MAX_SQRT_GRADIENT ** 2)  # where the bounded derivative is taken below it
+
+
+def _sqrt_floor(max_gradient: float) -> float:
+  """Below this x the derivative 0.5 / sqrt(x) would exceed max_gradient: it is taken here instead."""
+  return 1.0 / (4.0 * max_gradient ** 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -34,8 +38,7 @@ def _sqrt_forward(x, max_gradient):
 
 
 def _sqrt_backward(max_gradient, x, cotangent):
-  floor = 1.0 / (4.0 * max_gradient ** 2)
-  return (cotangent * 0.5 * jax.lax.rsqrt(jnp.maximum(x, floor)),)
+  return (cotangent * 0.5 * jax.lax.rsqrt(jnp.maximum(x, _sqrt_floor(max_gradient))),)
 
 
 sqrt_bounded_derivative.defvjp(_sqrt_forward, _sqrt_backward)
@@ -85,8 +88,8 @@ def chain_rule(d_h: jax.Array, h_before: jax.Array, x: jax.Array, g: Gates, soft
   d_input = jnp.where(real, d_h, 0.0)                                          # through the input term
   d_multiplier = jnp.where(reset, 0.0, d_input * x * g.gate_x)
   # d(1 - a^2) / d log a = -2 a^2; the bounded sqrt's derivative is 0.5 rsqrt(max(1 - a^2, floor)).
-  d_log_a = (d_decay * g.decay
-             - d_multiplier * jax.lax.rsqrt(jnp.maximum(g.one_minus_a2, _SQRT_FLOOR)) * (g.decay * g.decay))
+  bounded_rsqrt = jax.lax.rsqrt(jnp.maximum(g.one_minus_a2, _sqrt_floor(MAX_SQRT_GRADIENT)))
+  d_log_a = d_decay * g.decay - d_multiplier * bounded_rsqrt * (g.decay * g.decay)
   d_gate_x = d_input * x * g.multiplier
   return GateGradients(x=d_input * g.gate_x * g.multiplier,
                        logit_x=d_gate_x * g.gate_x * (1 - g.gate_x),
