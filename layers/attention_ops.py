@@ -129,7 +129,8 @@ def resolve_impl(impl: str, dtype: jnp.dtype, head_dim: int, length: int | None 
       return 'cudnn'
     return 'splash' if platform == 'tpu' and splash_problem is None else 'xla'
   if impl == 'cudnn' and not cudnn_supported(dtype, head_dim):
-    raise ValueError(f'cuDNN attention needs bf16/fp16 and head_dim % 8 == 0 (<= 256); got {jnp.dtype(dtype).name}, {head_dim}')
+    raise ValueError('cuDNN attention needs bf16/fp16 and head_dim % 8 == 0 (<= 256); '
+                     f'got {jnp.dtype(dtype).name}, {head_dim}')
   if impl == 'splash' and splash_problem:
     raise ValueError(f'splash attention cannot serve this call: {splash_problem}; use impl=\'auto\' or \'xla\'')
   return impl
