@@ -52,6 +52,7 @@ from layers.conv1d import ConvState
 from layers.documents import Cursor, locate
 from layers.gold_attention import GoldAttention, GoldKeyCache, KeyCompression, rms, shared_kv
 from layers.layer_norm import LayerNorm
+from layers.pallas_wkv import supports as fused_wkv_supports
 from layers.rwkv6 import VARIANTS, ChannelMix, TimeMix, TimeMixCache
 from layers.token_io import TokenIO
 from layers.wkv import IMPLEMENTATIONS as WKV_IMPLEMENTATIONS
@@ -74,7 +75,8 @@ class GoldFinchConfig(ModelConfig):
   gold_lora_rank: int = 0        # GOLD key and value LoRAs; 0: max(D / 16, 64)
   gold_rope: bool = False        # RoPE on GOLD queries and keys (off in the paper)
   rope_base: float = 10000.0
-  wkv_impl: str = 'chunked'      # 'chunked' (matmuls inside chunks) or 'recurrent' (lax.scan, the reference)
+  wkv_impl: str = 'auto'         # 'fused' (Pallas Triton kernels; what 'auto' picks on GPU), 'chunked' (matmuls
+                                 # inside chunks, XLA; 'auto' elsewhere) or 'recurrent' (lax.scan, the reference)
   wkv_chunk_size: int = 64
   tie_embeddings: bool = False
   norm_eps: float = 1e-5
@@ -98,6 +100,9 @@ class GoldFinchConfig(ModelConfig):
                f'does not divide config.model.dim={self.dim}')
     self.check(not self.gold_rope or self.head_dim % 2 == 0, 'head_dim', 'must be even for RoPE')
     self.check(self.wkv_impl in WKV_IMPLEMENTATIONS, 'wkv_impl', f'known: {WKV_IMPLEMENTATIONS}')
+    self.check(self.wkv_impl != 'fused' or fused_wkv_supports(self.head_dim, self.head_dim, self.wkv_chunk_size),
+               'wkv_impl', f"'fused' needs config.model.head_dim={self.head_dim} and "
+               f'config.model.wkv_chunk_size={self.wkv_chunk_size} to be powers of two >= 16')
     self.check(self.attention_impl in attention_ops.IMPLEMENTATIONS, 'attention_impl',
                f'known: {attention_ops.IMPLEMENTATIONS}')
     self.check(self.remat in stack.REMAT_POLICIES, 'remat', f'known: {sorted(stack.REMAT_POLICIES)}')

@@ -85,7 +85,7 @@ class TimeMixCache:
 class TimeMix(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, *, layer: int, num_layers: int,
-               variant: str = 'finch_c2', mix_rank: int = 32, decay_rank: int = 64, impl: str = 'chunked',
+               variant: str = 'finch_c2', mix_rank: int = 32, decay_rank: int = 64, impl: str = 'auto',
                chunk_size: int = 64, out_init_scale: float = 1.0, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if variant not in VARIANTS:

@@ -12,11 +12,13 @@ with G_t = sum_{r<=t} log_w_r (per channel, inclusive):
     y_t = sum_{s<t, same document} sum_c r_tc k_sc exp(G_{t-1,c} - G_{s,c}) v_s
           + (r_t . (u * k_t)) v_t + [no reset in 1..t] (r_t * exp(G_{t-1})) S_0.
 
-Two forms compute that one function, the decode step is a third:
+Three forms compute that one function, the decode step is a fourth:
 
   recurrent_wkv  lax.scan of `wkv_step` over T (the reference; decode is one step)
   chunked_wkv    chunks of C tokens: matmuls inside a chunk, a scan of T / C steps
                  across chunks carries the state (training, prefill)
+  fused_wkv      the chunked form as Pallas Triton kernels, forward and backward
+                 (layers/pallas_wkv.py; GPUs; 'auto' picks it there)
 
 Numerical stability of the chunked form. Every exponent it takes is a decay
 between two points of the chunk taken forwards in time, so it is <= 0: nothing
@@ -44,7 +46,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ('chunked', 'recurrent')
+from layers import kernel_sharding
+from layers.pallas_wkv import fused_wkv
+from layers.pallas_wkv import supports as fused_wkv_supports
+
+IMPLEMENTATIONS = ('auto', 'chunked', 'fused', 'recurrent')
 
 
 def _f32(*xs):
@@ -162,13 +168,26 @@ def chunked_wkv(r, k, v, log_w, u, reset, initial_state=None, *, chunk_size: int
   return y.reshape(batch, num_chunks * chunk, heads, d_v)[:, :length], final
 
 
-def wkv(r, k, v, log_w, u, reset, initial_state=None, *, impl: str = 'chunked', chunk_size: int = 64):
-  """Dispatches on `impl`; one token is always `wkv_step`."""
+def resolve_impl(impl: str, d_k: int, d_v: int, chunk_size: int) -> str:
+  """'auto': the fused kernels on GPU where they take the sizes (powers of two >= 16), else 'chunked'."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'unknown wkv impl {impl!r}; known: {IMPLEMENTATIONS}')
+  platform = kernel_sharding.compile_platform()
+  if impl == 'fused' and platform == 'tpu':
+    raise ValueError("wkv impl 'fused' is a Pallas Triton kernel for GPUs; on TPU use 'chunked' or 'auto'")
+  if impl == 'auto':
+    return 'fused' if platform == 'gpu' and fused_wkv_supports(d_k, d_v, chunk_size) else 'chunked'
+  return impl
+
+
+def wkv(r, k, v, log_w, u, reset, initial_state=None, *, impl: str = 'auto', chunk_size: int = 64):
+  """Dispatches on `impl` (see resolve_impl); one token is always `wkv_step`."""
+  impl = resolve_impl(impl, r.shape[-1], v.shape[-1], chunk_size)
   if r.shape[1] == 1:
     y, state = wkv_step(_zero_state(r, v, initial_state), r[:, 0], k[:, 0], v[:, 0], log_w[:, 0], u, reset[:, 0])
     return y[:, None], state
   if impl == 'recurrent':
     return recurrent_wkv(r, k, v, log_w, u, reset, initial_state)
+  if impl == 'fused':
+    return fused_wkv(r, k, v, log_w, u, reset, initial_state, chunk_size=chunk_size)
   return chunked_wkv(r, k, v, log_w, u, reset, initial_state, chunk_size=chunk_size)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers import token_shift, wkv as ops
+from layers import kernel_sharding, token_shift, wkv as ops
 from layers.documents import locate
 from layers.rwkv6 import TimeMix
-from tests.helpers import packed_positions
+from tests.helpers import packed_positions, sharded
 from tests.test_gated_retention import random_params
 
 B, T, N, DK, DV = 2, 24, 2, 4, 3
@@ -140,6 +140,72 @@ def test_wkv_dispatch_one_token_is_a_step():
   np.testing.assert_allclose(s, final_ref, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='unknown wkv impl'):
     ops.wkv(r, k, v, log_w, u, reset, impl='pallas')
+
+
+# --- fused kernels ---------------------------------------------------------------------------------
+
+def test_auto_picks_the_fused_kernels_on_gpu_where_they_take_the_sizes(monkeypatch):
+  monkeypatch.setattr(kernel_sharding, 'compile_platform', lambda: 'cpu')
+  assert ops.resolve_impl('auto', 64, 64, 64) == 'chunked'
+  monkeypatch.setattr(kernel_sharding, 'compile_platform', lambda: 'gpu')
+  assert ops.resolve_impl('auto', 64, 64, 64) == 'fused'
+  assert ops.resolve_impl('auto', 64, 64, 48) == 'chunked'   # Triton tiles are powers of two
+  assert ops.resolve_impl('auto', 8, 8, 64) == 'chunked'     # matmuls need >= 16
+  monkeypatch.setattr(kernel_sharding, 'compile_platform', lambda: 'tpu')
+  with pytest.raises(ValueError, match="wkv impl 'fused' is a Pallas Triton kernel for GPUs"):
+    ops.resolve_impl('fused', 64, 64, 64)
+  r = jnp.zeros((1, 4, 1, 8))
+  with pytest.raises(ValueError, match='powers of two >= 16; got d_k=8, d_v=8, chunk_size=64'):
+    ops.fused_wkv(r, r, r, r, None, jnp.zeros((1, 4), bool))
+
+
+def fused_case(seed: int = 5):
+  """[4, 80, 2, 16] inputs in float32 (T = 80: 2.5 chunks of 32, 5 of 16), log decays mixing the three ranges
+  of DECAYS per element, document starts on sub-chunk and chunk borders (16, 32, 64), next to them (31, 47)
+  and inside (5, 70); row 0 continues the initial state throughout; cotangents of y and the last state."""
+  rng = np.random.default_rng(seed)
+  shape = (4, 80, 2, 16)
+  r, k, v = (rng.normal(size=shape) for _ in range(3))
+  ranges = np.stack([rng.uniform(*DECAYS[name], size=shape) for name in sorted(DECAYS)])
+  log_w = np.take_along_axis(ranges, rng.integers(0, 3, size=(1, *shape)), axis=0)[0]
+  reset = np.zeros(shape[:2], bool)
+  reset[1, [16, 31, 47]] = True
+  reset[2, [0, 32, 70]] = True
+  reset[3, [5, 64]] = True
+  u, state = rng.normal(size=(2, 16)), rng.normal(size=(4, 2, 16, 16))
+  d_y, d_final = rng.normal(size=shape), rng.normal(size=state.shape)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  return tuple(map(f32, (r, k, v, log_w, u))), jnp.asarray(reset), f32(state), (f32(d_y), f32(d_final))
+
+
+@pytest.mark.parametrize('chunk_size', [16, 32])  # 16: one sub-chunk a chunk; 32: pairs across sub-chunks too
+def test_fused_kernels_equal_the_recurrent_form_in_values_and_gradients(chunk_size):
+  """layers/pallas_wkv.py (Pallas interpret mode on CPU) against `recurrent_wkv`: y, the last state and the
+  gradients in r, k, v, log_w, u and the initial state; alone and, with 8 devices, under the test mesh (rows
+  over data x fsdp, heads over tensor); without the bonus too."""
+  (r, k, v, log_w, u), reset, state, cotangents = fused_case()
+
+  def outputs_and_gradients(form, **kwargs):
+    def fn(r, k, v, log_w, u, state):
+      outputs, pullback = jax.vjp(lambda *a: form(*a[:5], reset, a[5], **kwargs), r, k, v, log_w, u, state)
+      return (*outputs, *pullback(cotangents))
+    return fn
+
+  want = jax.jit(outputs_and_gradients(ops.recurrent_wkv))(r, k, v, log_w, u, state)
+  fused = outputs_and_gradients(ops.fused_wkv, chunk_size=chunk_size)
+  runs = [jax.jit(fused)(r, k, v, log_w, u, state)]
+  if jax.device_count() >= 8:
+    runs.append(sharded(fused, r, k, v, log_w, u, state))
+  # Float32 throughout on CPU; on a GPU the kernels' float32 matmuls take TF32 inputs (10-bit mantissas).
+  tolerance = 1e-4 if jax.default_backend() == 'cpu' else 1e-2
+  for got in runs:
+    for name, got_one, want_one in zip(('y', 'final', 'd_r', 'd_k', 'd_v', 'd_log_w', 'd_u', 'd_state'), got, want):
+      scale = float(jnp.max(jnp.abs(want_one))) + 1.0
+      np.testing.assert_allclose(got_one, want_one, rtol=tolerance, atol=tolerance * scale, err_msg=name)
+  y, final = jax.jit(functools.partial(ops.fused_wkv, chunk_size=chunk_size))(r, k, v, log_w, None, reset, state)
+  y_ref, final_ref = ops.recurrent_wkv(r, k, v, log_w, None, reset, state)
+  np.testing.assert_allclose(y, y_ref, rtol=tolerance, atol=tolerance * (float(jnp.max(jnp.abs(y_ref))) + 1.0))
+  np.testing.assert_allclose(final, final_ref, rtol=tolerance, atol=tolerance)
 
 
 # --- token shift ------------------------------------------------------------------------------------
