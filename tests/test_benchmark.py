@@ -31,7 +31,7 @@ def test_decode_benchmark_reports_each_context(data_dir):
   assert small['decode_s_per_token'] > 0 and small['prefill_s'] > 0
 
 
-@pytest.mark.parametrize('name', ['wkv', 'gated_retention', 'attention', 'rg_lru', 'rg_lru_xla'])
+@pytest.mark.parametrize('name', ['wkv', 'wkv_chunked', 'gated_retention', 'attention', 'rg_lru', 'rg_lru_xla'])
 def test_operator_benchmark_times_forward_and_backward(name):
   result = benchmark_operator(name, batch=1, seq_len=32, heads=2, head_dim=8, num_steps=1)
   assert result['operator'] == name and result['fwd_bwd_s'] > 0

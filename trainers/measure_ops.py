@@ -1,6 +1,8 @@
 """Forward+backward time of one sequence-mixing operator on random inputs (benchmark.py --mode=op).
 
-  wkv              RWKV-6 wkv, chunked form (layers/wkv.py); peer: flash-linear-attention chunk_rwkv6
+  wkv              RWKV-6 wkv (layers/wkv.py, impl 'auto': the fused Pallas kernels on a GPU);
+                   peer: flash-linear-attention chunk_rwkv6
+  wkv_chunked      the same, chunked form in XLA
   gated_retention  YOCO's gated retention, chunked form (layers/gated_retention_ops.py)
   attention        causal multi-head self-attention over rows of up to 4 documents
                    (layers/attention_ops.self_attention, impl 'auto': cuDNN on a GPU)
@@ -10,7 +12,8 @@
 
 Inputs are [B, T, H, D] in bf16 with float32 decays; the recurrences see one
 document per row (no reset inside, as the peer's dense call); the timed function is the jitted
-gradient of <y, dy> with respect to every input, i.e. forward + backward.
+value and gradient of <y, dy> with respect to every input, i.e. forward + backward (the value keeps
+XLA from dropping the forward's outputs, which the gradient alone does not need).
 """
 import statistics
 import time
@@ -23,7 +26,7 @@ import numpy as np
 from layers import attention_ops
 from layers.gated_retention_ops import chunked_retention
 from layers.rg_lru import a_param_init, rg_lru
-from layers.wkv import chunked_wkv
+from layers.wkv import wkv
 from trainers.measure import timed
 
 
@@ -72,12 +75,17 @@ def _rg_lru(impl: str) -> Callable:
   return forward
 
 
+def _wkv(impl: str) -> Callable:
+  return lambda r, k, v, log_w, u: wkv(r, k, v, log_w, u, _no_reset(r), impl=impl)[0]
+
+
 def _no_reset(x: jax.Array) -> jax.Array:
   return jnp.zeros(x.shape[:2], bool)                                               # [B, T]
 
 
 OPERATORS: dict[str, tuple[Callable, Callable]] = {
-    'wkv': (_wkv_inputs, lambda r, k, v, w, u: chunked_wkv(r, k, v, w, u, _no_reset(r))[0]),
+    'wkv': (_wkv_inputs, _wkv('auto')),
+    'wkv_chunked': (_wkv_inputs, _wkv('chunked')),
     'gated_retention': (_retention_inputs,
                         lambda q, k, v, g: chunked_retention(q, k, v, g, _no_reset(q), chunk_size=64)[0]),
     'attention': (_attention_inputs, _attention),
@@ -94,7 +102,7 @@ def benchmark_operator(name: str, batch: int, seq_len: int, heads: int, head_dim
   inputs = make_inputs(jax.random.key(0), batch, seq_len, heads, head_dim)
   y = jax.eval_shape(forward, *inputs)
   dy = jax.random.normal(jax.random.key(1), y.shape, jnp.float32)
-  grad = jax.jit(jax.grad(lambda args: jnp.vdot(forward(*args), dy)))
+  grad = jax.jit(jax.value_and_grad(lambda args: jnp.vdot(forward(*args), dy)))  # the value: y is computed
   start = time.perf_counter()
   compiled = grad.lower(inputs).compile()
   compile_s = time.perf_counter() - start
