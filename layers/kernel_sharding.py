@@ -1,8 +1,8 @@
-"""Where a Pallas (Mosaic) kernel runs, and how it sees sharded arrays.
+"""Where a Pallas kernel (Mosaic on TPU, Triton on GPU) runs, and how it sees sharded arrays.
 
 The platform is read from the mesh made active by `jax.set_mesh`, so that
 compiling for an abstract TPU topology on a CPU host selects the TPU kernels;
-without a mesh it is the default backend. XLA cannot partition a Mosaic
+without a mesh it is the default backend. XLA cannot partition a Pallas
 kernel, so under a mesh the kernel runs inside `jax.shard_map`, one block per
 device, split along the mesh axes that the logical axis rules give.
 """
@@ -12,6 +12,8 @@ from typing import Any
 import flax.core.spmd
 import jax
 import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from layers import sharding
 
@@ -21,6 +23,24 @@ def compile_platform() -> str:
   mesh = jax.sharding.get_abstract_mesh()
   device = None if mesh.empty else mesh.abstract_device
   return jax.default_backend() if device is None else device.platform
+
+
+def checked_platform(operator: str, impl: str, known: tuple[str, ...], on_tpu: str) -> str:
+  """The platform compiled for, after checking that `impl` is one of `known` and that 'fused' (a Pallas Triton
+  kernel) is not asked of a TPU; `on_tpu` names what to use there instead."""
+  if impl not in known:
+    raise ValueError(f'unknown {operator} impl {impl!r}; known: {known}')
+  platform = compile_platform()
+  if impl == 'fused' and platform == 'tpu':
+    raise ValueError(f"{operator} impl 'fused' is a Pallas Triton kernel for GPUs; on TPU use {on_tpu}")
+  return platform
+
+
+def triton_call(kernel: Callable, out_shape: Any, grid: tuple[int, ...], num_warps: int, name: str) -> Callable:
+  """pl.pallas_call of a Pallas Triton kernel over whole arrays (no BlockSpecs); in interpret mode off GPU."""
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, name=name,
+                        compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=1),
+                        interpret=compile_platform() != 'gpu')
 
 
 def mesh_axes(logical: str, size: int) -> tuple[str, ...]:

@@ -39,7 +39,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from layers import kernel_sharding, sharding
 from layers.rg_lru_gates import chain_rule, gates, normalized_input
@@ -213,14 +212,9 @@ def _backward_kernel(x_ref, logits_ref, positions_ref, a_param_ref, h0_ref, h_re
 def _call(kernel, args: tuple, out_shapes: tuple, chunks: int, c: float, name: str):
   """kernel over the grid (rows, channel blocks, chunks); args[0] is x [B, T, W]."""
   batch, _, width = args[0].shape
-  return pl.pallas_call(
-      functools.partial(kernel, c=c, chunks=chunks),
-      out_shape=out_shapes,
-      grid=(batch, width // _channel_block(width), chunks),
-      compiler_params=pl_triton.CompilerParams(num_warps=max(1, _channel_block(width) // 32), num_stages=1),
-      interpret=kernel_sharding.compile_platform() != 'gpu',
-      name=name,
-  )(*args)
+  block = _channel_block(width)
+  return kernel_sharding.triton_call(functools.partial(kernel, c=c, chunks=chunks), out_shapes,
+                                     (batch, width // block, chunks), max(1, block // 32), name)(*args)
 
 
 def _pad_time(length: int, *arrays, positions: jax.Array, chunks: int):

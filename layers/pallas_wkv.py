@@ -56,7 +56,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from layers import kernel_sharding, sharding
 
@@ -171,9 +170,8 @@ class _Chunk:
     by one token's decay a step, so that none is a difference of cumulative sums. Unrolled, with every load
     issued before the first step."""
     inside = jnp.arange(SUB)[:, None]
-    at = lambda n: self.start + rows.first + n
     w = [jnp.exp(self.token(self.log_w_ref, rows.first + n)) for n in range(SUB)]
-    segments = [self.segment_ref[self.row, at(n)] for n in range(SUB)]
+    segments = [self.segment_ref[self.row, self.start + rows.first + n] for n in range(SUB)]
     loaded = [[self.token(ref, rows.first + n) for ref in refs] for n in range(SUB)]
     products = jnp.ones_like(rows.g)
     for n in (reversed(range(SUB)) if by_key else range(SUB)):
@@ -358,10 +356,8 @@ def _key_gradients_kernel(r_ref, k_ref, v_ref, u_ref, *refs, chunk_size):
 # ---------------------------------------------------------------------------- calls
 
 def _call(kernel, args: tuple, out_shapes, grid: tuple, chunk_size: int, name: str):
-  return pl.pallas_call(
-      functools.partial(kernel, chunk_size=chunk_size), out_shape=out_shapes, grid=grid,
-      compiler_params=pl_triton.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-      interpret=kernel_sharding.compile_platform() != 'gpu', name=name)(*args)
+  return kernel_sharding.triton_call(functools.partial(kernel, chunk_size=chunk_size), out_shapes, grid,
+                                     NUM_WARPS, name)(*args)
 
 
 def _state_grid(batch: int, heads: int, d_v: int) -> tuple[int, int, int]:

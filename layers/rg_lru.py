@@ -40,11 +40,7 @@ IMPLEMENTATIONS = (*RECURRENCE_IMPLEMENTATIONS, 'fused')
 def resolve_impl(impl: str) -> str:
   """'auto': the fused kernels on GPU (docs/performance.md), else linear_recurrence's choice for the platform
   compiled for (the Pallas linear scan on TPU, the sequential scan on CPU)."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown RG-LRU impl {impl!r}; known: {IMPLEMENTATIONS}')
-  platform = kernel_sharding.compile_platform()
-  if impl == 'fused' and platform == 'tpu':
-    raise ValueError("RG-LRU impl 'fused' is a Pallas Triton kernel for GPUs; on TPU use 'pallas' or 'auto'")
+  platform = kernel_sharding.checked_platform('RG-LRU', impl, IMPLEMENTATIONS, "'pallas' or 'auto'")
   if impl == 'auto':
     return 'fused' if platform == 'gpu' else resolve_recurrence_impl(impl)
   return impl

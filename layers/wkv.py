@@ -170,11 +170,7 @@ def chunked_wkv(r, k, v, log_w, u, reset, initial_state=None, *, chunk_size: int
 
 def resolve_impl(impl: str, d_k: int, d_v: int, chunk_size: int) -> str:
   """'auto': the fused kernels on GPU where they take the sizes (powers of two >= 16), else 'chunked'."""
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown wkv impl {impl!r}; known: {IMPLEMENTATIONS}')
-  platform = kernel_sharding.compile_platform()
-  if impl == 'fused' and platform == 'tpu':
-    raise ValueError("wkv impl 'fused' is a Pallas Triton kernel for GPUs; on TPU use 'chunked' or 'auto'")
+  platform = kernel_sharding.checked_platform('wkv', impl, IMPLEMENTATIONS, "'chunked' or 'auto'")
   if impl == 'auto':
     return 'fused' if platform == 'gpu' and fused_wkv_supports(d_k, d_v, chunk_size) else 'chunked'
   return impl
