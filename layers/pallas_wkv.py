@@ -5,18 +5,29 @@ Every exponent taken is a decay between two points of a chunk, forwards in time
 (<= 0). XLA materialises the [SUB, SUB, K] decays of the pairs inside each
 sub-chunk. Here a program owns one (sub-chunk, row, head) and walks its tokens
 one at a time with those decays in registers, as flash-linear-attention's
-chunk_rwkv6 does. With G the cumulative log decay inside a chunk (inclusive)
-and E_j the state entering chunk j, the kernels are:
+chunk_rwkv6 does. With G the cumulative log decay inside a chunk (inclusive),
+E_j the state entering chunk j and A the scores of the pairs s < t inside a
+sub-chunk (A_ts = sum_k r_t k_s prod_{s<p<t} w_p, in one document), the kernels are:
 
   decays            per chunk: G (one cumulative sum, read by all the others)
   states            per (row, head, STATE_BLOCK value channels), over the chunks in order:
                     E_{j+1} = diag(survival_j) E_j + K_j'^T V_j
-  forward           per sub-chunk: y = (r e^{G_{t-1}}) E_j + pairs with earlier sub-chunks (matmuls through
-                    the sub-chunk's first token) + pairs inside it (walked) + the bonus (r . u k) v
+  forward           per sub-chunk: y = (r e^{G_{t-1}}) E_j + pairs with each earlier sub-chunk (matmuls through
+                    the sub-chunk's first token) + A v (A walked, one key a step) + the bonus (r . u k) v
   state_cotangents  per (row, head, value channels), over the chunks in reverse:
                     dE_j = diag(survival_j) dE_{j+1} + Q_j^T dy_j
-  query_gradients   per sub-chunk: dL/dr (the entering state, earlier keys, the walk by key)
-  key_gradients     per sub-chunk: dL/dk, dL/dv (the leaving state, later queries, the walk by query), dL/du
+  score_cotangents  per sub-chunk: dA_ts = dy_t . v_s, by query and by key (two layouts, so that the walks
+                    load a row a step)
+  query_gradients   per sub-chunk: dL/dr (the entering state, each earlier sub-chunk, the walk by key over dA)
+  key_gradients     per sub-chunk: dL/dk (the leaving state, each later sub-chunk, the walk by query over dA),
+                    dL/dv (the same and A^T dy), dL/du
+
+The walks only multiply and add: the reductions over channels are matmuls
+(A v, A^T dy, dA) or are done once in the forward (A). Pairs across
+sub-chunks are one program's matmuls with each sub-chunk before (or after)
+its own, under a lax.cond each, so that no work is spent on pairs that do
+not exist. The forward keeps E_j and A for the backward, which recomputes
+only G (at B=8, T=8192, N=16, K=V=64: 268 MB of states and 67 MB of scores).
 
 The log decays' gradient comes from the others. Each term of y or of the last
 state is a pair (t, s) weighted by exp(G_{t-1} - G_s), whose derivative in
@@ -26,8 +37,7 @@ log w_p is that weight times [s < p <= t - 1]. So
 
 with dr', dk' the gradients without the bonus's term. The two gradient
 kernels write the sums inside each sub-chunk and each sub-chunk's totals; XLA
-adds the totals of the sub-chunks after it. The backward recomputes G and the
-states E_j rather than storing them.
+adds the totals of the sub-chunks after it.
 
 Rounding. A difference G_a - G_b of two large cumulative sums loses absolute
 precision (about |G| 6e-8), which matters where the true difference is near
@@ -35,8 +45,9 @@ precision (about |G| 6e-8), which matters where the true difference is near
 products of one token's decay a step (no differences at all). Across
 sub-chunks G_{t-1} is read from the same array as G, one row earlier, so that
 neighbouring tokens' difference is exactly 0. On the tests' inputs, which mix
-decays near 0 and near 1 per element, the kernels' y is 2.6x closer to the
-recurrent form than `chunked_wkv`'s (largest errors 3.5e-4 and 9.1e-4 on CPU).
+decays near 0 and near 1 per element (|y| up to 51), the kernels' y is within
+3.5e-4 of the recurrent form with chunks of 32 and `chunked_wkv`'s within
+9.1e-4; with chunks of 64 both are within 1.9e-3 (CPU, float32).
 
 Inputs r, k, log_w [B, T, N, K], v [B, T, N, V], u [N, K], reset [B, T], initial
 state [B, N, K, V]; K, V and C powers of two >= 16 (Triton's matmul tiles).
@@ -44,11 +55,10 @@ Under a mesh each device runs the kernels on its own rows and heads
 (jax.shard_map). Off GPU they run in Pallas interpret mode (the tests compare
 them with the recurrent form on CPU).
 
-On an H200 (B=8, N=16, K=V=64, forward + backward) they took 3.98 ms at T=2048
-and 14.84 ms at T=8192 with 8 warps a program; flash-linear-attention's
-chunk_rwkv6 took 2.99 and 7.16 ms in the same runs. With 4 warps (kept) they
-took 3.81 and 14.06 ms, and `chunked_wkv` 5.04 and 20.94 ms, in one A/B run
-(docs/performance.md).
+On an H200 (B=8, N=16, K=V=64, forward + backward, `benchmark --mode=op
+--op=wkv --peer`) they took 2.92 ms at T=2048 and 10.41 ms at T=8192;
+flash-linear-attention's chunk_rwkv6 took 2.91 and 7.14 ms in the same runs
+(1.00x and 1.46x). docs/performance.md has the variants measured on the way.
 """
 import functools
 from typing import NamedTuple
@@ -60,7 +70,7 @@ from jax.experimental import pallas as pl
 from layers import kernel_sharding, sharding
 
 SUB = 16        # tokens per sub-chunk: pairs across sub-chunks are matmuls, inside one they are walked
-NUM_WARPS = 4      # forward + backward at T=8192: 14.06 ms with 4 warps, 14.88 with 8 (T=2048: 3.81, 4.04)
+NUM_WARPS = 4      # 8 warps for the key kernel: 12.15 ms against 10.28 at T=8192 (docs/performance.md)
 STATE_BLOCK = 32   # value channels per program of the two kernels that walk the chunks in order
 
 
@@ -113,7 +123,6 @@ class _Chunk:
     self.row, self.head, self.size = row, head, chunk_size
     self.start = index * chunk_size
     self.log_w_ref, self.g_ref, self.segment_ref = decays                   # g_ref [B, 1 + T, N, K]: G_t at 1 + t
-    self.tokens = jnp.arange(chunk_size)
     self.g_last = self.g_token(chunk_size - 1)                              # [K]
     self.segment_last = self.segment_ref[row, self.start + chunk_size - 1]
 
@@ -183,18 +192,26 @@ class _Chunk:
       carry = step(n, decays, segments[n], *loaded[n], carry)
     return carry
 
-  def same_document(self, rows: _Rows) -> jax.Array:
-    """[SUB, C]: whether token t of the sub-chunk and token s of the chunk are in one document."""
-    return rows.segment[:, None] == self.segments()[None, :]
+  def same_document(self, rows: _Rows, first: int) -> jax.Array:
+    """[SUB, SUB]: whether token t of `rows` and token s of the sub-chunk at `first` are in one document."""
+    return rows.segment[:, None] == self.segments(first, SUB)[None, :]
 
-  def earlier_keys(self, k: jax.Array, rows: _Rows) -> jax.Array:
-    """[C, K]: k_s e^{G_{p-1} - G_s} for keys s before the sub-chunk (p its first token), else 0."""
-    return k * _exp_where((self.tokens < rows.first)[:, None], rows.offset[None, :] - self.g_tile())
+  def keys_through(self, k_ref, first: int, rows: _Rows) -> jax.Array:
+    """[SUB, K]: k_s e^{G_{p-1} - G_s} for the keys s of the earlier sub-chunk at `first` (p: rows' first token)."""
+    return self.tile(k_ref, first, SUB) * jnp.exp(rows.offset[None, :] - self.g_tile(first, SUB))
 
-  def later_queries(self, r: jax.Array, rows: _Rows) -> jax.Array:
-    """[C, K]: r_t e^{G_{t-1} - G_e} for queries t after the sub-chunk (e its last token), else 0."""
-    after = (self.tokens >= rows.first + SUB)[:, None]
-    return r * _exp_where(after, self.g_tile(before=True) - rows.g_end[None, :])
+  def queries_through(self, r_ref, first: int, rows: _Rows) -> jax.Array:
+    """[SUB, K]: r_t e^{G_{t-1} - G_e} for the queries t of the later sub-chunk at `first` (e: rows' last token)."""
+    return self.tile(r_ref, first, SUB) * jnp.exp(self.g_tile(first, SUB, before=True) - rows.g_end[None, :])
+
+  def over_sub_chunks(self, i, add, carry, earlier: bool):
+    """carry = add(first, carry) over the chunk's other sub-chunks (at token `first`) before sub-chunk i
+    (`earlier`) or after it: unrolled, each under a lax.cond on i, so that a program's matmuls cover only the
+    pairs that exist."""
+    per_chunk = self.size // SUB
+    for m in range(per_chunk - 1) if earlier else range(1, per_chunk):
+      carry = jax.lax.cond(m < i if earlier else m > i, functools.partial(add, m * SUB), lambda x: x, carry)
+    return carry
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -257,47 +274,66 @@ def _sub_chunk_program(chunk_size: int, decays: tuple):
 
 
 def _forward_kernel(r_ref, k_ref, v_ref, u_ref, *refs, chunk_size):
-  """y [B, T, N, V] float32; a program per (sub-chunk, row, head)."""
-  decays, (states_ref, y_ref) = refs[:3], refs[3:]
+  """y [B, T, N, V] float32 and the scores of the pairs inside each sub-chunk [B, T, N, SUB] (row t: over the
+  keys s, 0 unless s < t in one document); a program per (sub-chunk, row, head)."""
+  decays, (states_ref, y_ref, scores_ref) = refs[:3], refs[3:]
   c, j, i, row, head = _sub_chunk_program(chunk_size, decays)
   rows = c.sub(i, r_ref, k_ref, v_ref)
   y = _matmul(rows.r * rows.state_decay, states_ref[row, j, head])          # [SUB, V]
-  if chunk_size > SUB:  # keys in earlier sub-chunks, through the sub-chunk's first token
-    def earlier():
-      queries = rows.r * jnp.exp(rows.g_before - rows.offset[None, :])
-      scores = _matmul_t(queries, c.earlier_keys(c.tile(k_ref), rows))      # [SUB, C]
-      return y + _matmul(jnp.where(c.same_document(rows), scores, 0.0), c.tile(v_ref))
-    y = jax.lax.cond(i > 0, earlier, lambda: y)
+  queries = rows.r * jnp.exp(rows.g_before - rows.offset[None, :])          # [SUB, K]: through the first token
 
-  def key(s, decays, segment_s, k_s, v_s, y):  # the pairs (t > s) with key s inside the sub-chunk
+  def earlier(first, y):  # keys in an earlier sub-chunk
+    scores = jnp.where(c.same_document(rows, first), _matmul_t(queries, c.keys_through(k_ref, first, rows)), 0.0)
+    return y + _matmul(scores, c.tile(v_ref, first, SUB))
+
+  y = c.over_sub_chunks(i, earlier, y, earlier=True)
+
+  columns = jnp.arange(SUB)[None, :]
+
+  def key(s, decays, segment_s, k_s, scores):  # column s: the pairs (t > s) with key s inside the sub-chunk
     score = jnp.where(rows.segment == segment_s, jnp.sum(rows.r * k_s[None, :] * decays, axis=1), 0.0)  # [SUB]
-    return y + score[:, None] * v_s[None, :]
+    return jnp.where(columns == s, score[:, None], scores)
 
-  y = c.walk(rows, (k_ref, v_ref), key, y, by_key=True)
+  scores = c.walk(rows, (k_ref,), key, jnp.zeros((SUB, SUB), jnp.float32), by_key=True)   # [SUB, SUB]
   u = u_ref[head].astype(jnp.float32)[None, :]
-  y += jnp.sum(rows.r * u * rows.k, axis=1, keepdims=True) * rows.v         # the bonus
-  y_ref[row, pl.ds(c.start + rows.first, SUB), head, :] = y
+  y += _matmul(scores, rows.v) + jnp.sum(rows.r * u * rows.k, axis=1, keepdims=True) * rows.v  # + the bonus
+  tokens = pl.ds(c.start + rows.first, SUB)
+  y_ref[row, tokens, head, :] = y
+  scores_ref[row, tokens, head, :] = scores
+
+
+def _score_cotangents_kernel(d_y_ref, v_ref, segment_ref, by_query_ref, by_key_ref):
+  """dL/d score of the pairs s < t of one document inside each sub-chunk, dy_t . v_s, as [B, T, N, SUB] by
+  query (row t: over the keys s) and by key (row s: over the queries t); a program per (sub-chunk, row, head)."""
+  index, row, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  tokens = pl.ds(index * SUB, SUB)
+  d_y, v = d_y_ref[row, tokens, head, :].astype(jnp.float32), v_ref[row, tokens, head, :].astype(jnp.float32)
+  segment, inside = segment_ref[row, tokens], jnp.arange(SUB)
+  same = segment[:, None] == segment[None, :]
+  by_query_ref[row, tokens, head, :] = jnp.where(same & (inside[:, None] > inside[None, :]), _matmul_t(d_y, v), 0.0)
+  by_key_ref[row, tokens, head, :] = jnp.where(same & (inside[:, None] < inside[None, :]), _matmul_t(v, d_y), 0.0)
 
 
 def _query_gradients_kernel(r_ref, k_ref, v_ref, u_ref, *refs, chunk_size):
   """dL/dr [B, T, N, K]; of dL/d log w_p inside the sub-chunk, the queries' part sum_{t > p} r_t dr'_t [B, T, N, K]
   and its total [B, T / SUB, N, K]. A program per (sub-chunk, row, head); dr' is dL/dr without the bonus."""
-  decays, (states_ref, d_y_ref, d_r_ref, d_log_w_ref, total_ref) = refs[:3], refs[3:]
+  decays, (states_ref, d_y_ref, d_scores_ref, d_r_ref, d_log_w_ref, total_ref) = refs[:3], refs[3:]
   c, j, i, row, head = _sub_chunk_program(chunk_size, decays)
   rows = c.sub(i, r_ref, k_ref, v_ref)
   d_y = c.tile(d_y_ref, rows.first, SUB)                                     # [SUB, V]
   d_r = _matmul_t(d_y, states_ref[row, j, head]) * rows.state_decay         # [SUB, K]: the entering state
-  if chunk_size > SUB:  # keys in earlier sub-chunks
-    def earlier():
-      d_scores = jnp.where(c.same_document(rows), _matmul_t(d_y, c.tile(v_ref)), 0.0)           # [SUB, C]
-      return d_r + _matmul(d_scores, c.earlier_keys(c.tile(k_ref), rows)) * jnp.exp(rows.g_before - rows.offset)
-    d_r = jax.lax.cond(i > 0, earlier, lambda: d_r)
 
-  def key(s, decays, segment_s, k_s, v_s, d_r):  # pairs (t > s) inside the sub-chunk, by key
-    d_score = jnp.where(rows.segment == segment_s, jnp.sum(d_y * v_s[None, :], axis=1), 0.0)[:, None]  # [SUB, 1]
-    return d_r + d_score * k_s[None, :] * decays
+  def earlier(first, d_queries):  # keys in an earlier sub-chunk: the cotangent of queries through the first token
+    d_scores = jnp.where(c.same_document(rows, first), _matmul_t(d_y, c.tile(v_ref, first, SUB)), 0.0)  # [SUB, SUB]
+    return d_queries + _matmul(d_scores, c.keys_through(k_ref, first, rows))
 
-  d_r = c.walk(rows, (k_ref, v_ref), key, d_r, by_key=True)
+  d_queries = c.over_sub_chunks(i, earlier, jnp.zeros_like(d_r), earlier=True)
+  d_r += d_queries * jnp.exp(rows.g_before - rows.offset[None, :])
+
+  def key(s, decays, segment_s, k_s, d_scores_s, d_r):  # pairs (t > s) inside the sub-chunk, by key
+    return d_r + d_scores_s[:, None] * k_s[None, :] * decays
+
+  d_r = c.walk(rows, (k_ref, d_scores_ref), key, d_r, by_key=True)
   q_terms = rows.r * d_r                                                     # [SUB, K]
   q_sum = jnp.sum(q_terms, axis=0)
   u = u_ref[head].astype(jnp.float32)[None, :]
@@ -311,8 +347,8 @@ def _query_gradients_kernel(r_ref, k_ref, v_ref, u_ref, *refs, chunk_size):
 def _key_gradients_kernel(r_ref, k_ref, v_ref, u_ref, *refs, chunk_size):
   """dL/dk, dL/dv [B, T, N, X]; dL/d log w_p inside the sub-chunk [B, T, N, K] (the queries' part, read, minus
   sum_{s >= p} k_s dk'_s) and the keys' total [B, T / SUB, N, K]; dL/du per sub-chunk [B, T / SUB, N, K]."""
-  decays, (d_states_ref, d_y_ref, queries_part_ref, d_k_ref, d_v_ref, d_log_w_ref, total_ref,
-           d_u_ref) = refs[:3], refs[3:]
+  decays, (d_states_ref, d_y_ref, scores_ref, d_scores_ref, queries_part_ref, d_k_ref, d_v_ref, d_log_w_ref,
+           total_ref, d_u_ref) = refs[:3], refs[3:]
   c, j, i, row, head = _sub_chunk_program(chunk_size, decays)
   rows = c.sub(i, r_ref, k_ref, v_ref)
   d_y = c.tile(d_y_ref, rows.first, SUB)                                     # [SUB, V]
@@ -320,26 +356,27 @@ def _key_gradients_kernel(r_ref, k_ref, v_ref, u_ref, *refs, chunk_size):
   to_end = c.to_end(rows.g, rows.segment)                                    # [SUB, K]
   d_k = _matmul_t(rows.v, d_state) * to_end
   d_v = _matmul(rows.k * to_end, d_state)                                    # [SUB, V]
-  if chunk_size > SUB:  # queries in later sub-chunks
-    def later():
-      queries = c.later_queries(c.tile(r_ref), rows)                         # [C, K]
-      key_decay = jnp.exp(rows.g_end[None, :] - rows.g)                      # [SUB, K]
-      same, d_y_all = c.same_document(rows), c.tile(d_y_ref)
-      return (d_k + _matmul(jnp.where(same, _matmul_t(rows.v, d_y_all), 0.0), queries) * key_decay,
-              d_v + _matmul(jnp.where(same, _matmul_t(rows.k * key_decay, queries), 0.0), d_y_all))
-    d_k, d_v = jax.lax.cond(i < chunk_size // SUB - 1, later, lambda: (d_k, d_v))
+  through_end = jnp.exp(rows.g_end[None, :] - rows.g)                       # [SUB, K]
+  keys = rows.k * through_end                                                # through the last token
 
-  def query(t, decays, segment_t, r_t, d_y_t, grads):  # pairs (t > s) inside the sub-chunk, by query
-    d_k, d_v = grads
-    same = rows.segment == segment_t
-    d_score = jnp.where(same, jnp.sum(rows.v * d_y_t[None, :], axis=1), 0.0)[:, None]         # [SUB, 1]
-    score = jnp.where(same, jnp.sum(rows.k * r_t[None, :] * decays, axis=1), 0.0)[:, None]
-    return d_k + d_score * r_t[None, :] * decays, d_v + score * d_y_t[None, :]
+  def later(first, grads):  # queries in a later sub-chunk: the cotangents of keys (through the last token) and v
+    d_keys, d_v = grads
+    queries, d_y_later = c.queries_through(r_ref, first, rows), c.tile(d_y_ref, first, SUB)
+    same = c.same_document(rows, first)
+    return (d_keys + _matmul(jnp.where(same, _matmul_t(rows.v, d_y_later), 0.0), queries),
+            d_v + _matmul(jnp.where(same, _matmul_t(keys, queries), 0.0), d_y_later))
 
-  d_k, d_v = c.walk(rows, (r_ref, d_y_ref), query, (d_k, d_v), by_key=False)
+  d_keys, d_v = c.over_sub_chunks(i, later, (jnp.zeros_like(d_k), d_v), earlier=False)
+  d_k += d_keys * through_end
+
+  def query(t, decays, segment_t, r_t, d_scores_t, d_k):  # pairs (t > s) inside the sub-chunk, by query
+    return d_k + d_scores_t[:, None] * r_t[None, :] * decays
+
+  d_k = c.walk(rows, (r_ref, d_scores_ref), query, d_k, by_key=False)
+  tokens = pl.ds(c.start + rows.first, SUB)
+  d_v += _t_matmul(scores_ref[row, tokens, head, :], d_y)                   # [SUB, V]: scores^T dy
   k_terms = rows.k * d_k                                                     # [SUB, K]
   k_sum = jnp.sum(k_terms, axis=0)
-  tokens = pl.ds(c.start + rows.first, SUB)
   d_log_w_ref[row, tokens, head, :] = (queries_part_ref[row, tokens, head, :]
                                        - (k_sum - jnp.cumsum(k_terms, axis=0) + k_terms))
   # The bonus (r_t . u k_t) v_t.
@@ -385,27 +422,33 @@ def _local_forward(r, k, v, log_w, u, reset, h0, chunk_size):
   batch, length, heads, _ = r.shape
   decays = _decays(log_w, reset, chunk_size)
   states, final = _states(k, v, decays, h0, chunk_size)
-  y = _call(_forward_kernel, (r, k, v, u, *decays, states), jax.ShapeDtypeStruct(v.shape, jnp.float32),
-            (length // SUB, batch, heads), chunk_size, 'wkv_forward')
-  return y, final
+  y, scores = _call(_forward_kernel, (r, k, v, u, *decays, states),
+                    (jax.ShapeDtypeStruct(v.shape, jnp.float32),
+                     jax.ShapeDtypeStruct((batch, length, heads, SUB), jnp.float32)),
+                    (length // SUB, batch, heads), chunk_size, 'wkv_forward')
+  return y, final, scores, states
 
 
-def _local_backward(r, k, v, log_w, u, reset, h0, d_y, d_final, chunk_size):
+def _local_backward(r, k, v, log_w, u, reset, states, scores, d_y, d_final, chunk_size):
   batch, length, heads, key_size = r.shape
   decays = _decays(log_w, reset, chunk_size)
-  states, _ = _states(k, v, decays, h0, chunk_size)
   d_states, d_h0 = _call(_state_cotangents_kernel, (r, d_y, *decays, d_final),
-                         (jax.ShapeDtypeStruct(states.shape, jnp.float32), jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
+                         (jax.ShapeDtypeStruct(states.shape, jnp.float32),
+                          jax.ShapeDtypeStruct(d_final.shape, jnp.float32)),
                          _state_grid(batch, heads, v.shape[-1]), chunk_size, 'wkv_state_cotangents')
   num_subs = length // SUB
+  pair_scores = jax.ShapeDtypeStruct((batch, length, heads, SUB), jnp.float32)
+  d_scores, d_scores_by_key = kernel_sharding.triton_call(_score_cotangents_kernel, (pair_scores, pair_scores),
+                                                          (num_subs, batch, heads), NUM_WARPS,
+                                                          'wkv_score_cotangents')(d_y, v, decays[2])
   per_sub = jax.ShapeDtypeStruct((batch, num_subs, heads, key_size), jnp.float32)
   series = jax.ShapeDtypeStruct(log_w.shape, jnp.float32)
   grid = (num_subs, batch, heads)
-  d_r, queries_part, queries_total = _call(_query_gradients_kernel, (r, k, v, u, *decays, states, d_y),
+  d_r, queries_part, queries_total = _call(_query_gradients_kernel, (r, k, v, u, *decays, states, d_y, d_scores_by_key),
                                            (jax.ShapeDtypeStruct(r.shape, r.dtype), series, per_sub), grid,
                                            chunk_size, 'wkv_query_gradients')
   d_k, d_v, d_log_w, keys_total, d_u = _call(
-      _key_gradients_kernel, (r, k, v, u, *decays, d_states, d_y, queries_part),
+      _key_gradients_kernel, (r, k, v, u, *decays, d_states, d_y, scores, d_scores, queries_part),
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), series, per_sub, per_sub),
       grid, chunk_size, 'wkv_key_gradients')
   d_log_w_total = queries_total - keys_total
@@ -414,13 +457,22 @@ def _local_backward(r, k, v, log_w, u, reset, h0, d_y, d_final, chunk_size):
   return d_r, d_k, d_v, d_log_w.reshape(log_w.shape), jnp.sum(d_u, axis=1), d_h0
 
 
-def _specs(batch: int, heads: int):
-  """PartitionSpecs of [B, T, N, X], [N, K], [B, T], [B, N, K, V] and [B, N, K] under the active mesh."""
+class _Specs(NamedTuple):
+  """PartitionSpecs under the active mesh: rows split along act_batch, heads along act_heads."""
+  series: jax.sharding.PartitionSpec          # [B, T, N, X]
+  per_head: jax.sharding.PartitionSpec        # [N, K]
+  tokens: jax.sharding.PartitionSpec          # [B, T]
+  state: jax.sharding.PartitionSpec           # [B, N, K, V]
+  per_row_head: jax.sharding.PartitionSpec    # [B, N, K]
+  chunk_states: jax.sharding.PartitionSpec    # [B, T / C, N, K, V]
+
+
+def _specs(batch: int, heads: int) -> _Specs:
   rows = kernel_sharding.mesh_axes(sharding.ACT_BATCH, batch)
   split = kernel_sharding.mesh_axes(sharding.ACT_HEADS, heads)
   spec = kernel_sharding.spec
-  return (spec((rows, (), split, ())), spec((split, ())), spec((rows, ())), spec((rows, split, (), ())),
-          spec((rows, split, ())))
+  return _Specs(spec((rows, (), split, ())), spec((split, ())), spec((rows, ())), spec((rows, split, (), ())),
+                spec((rows, split, ())), spec((rows, (), split, (), ())))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -429,23 +481,27 @@ def _wkv(r, k, v, log_w, u, reset, h0, chunk_size):
 
 
 def _wkv_forward(r, k, v, log_w, u, reset, h0, chunk_size):
-  series, per_head, tokens, state, _ = _specs(r.shape[0], r.shape[2])
-  y, final = kernel_sharding.run_sharded(functools.partial(_local_forward, chunk_size=chunk_size),
-                                         (r, k, v, log_w, u, reset, h0),
-                                         (series, series, series, series, per_head, tokens, state), (series, state))
-  return (y, final), (r, k, v, log_w, u, reset, h0, final)
+  """(y, the last state), and the residuals: the inputs, the states entering the chunks and the scores of the
+  pairs inside the sub-chunks (kept for the backward, which recomputes only G)."""
+  s = _specs(r.shape[0], r.shape[2])
+  y, final, scores, states = kernel_sharding.run_sharded(
+      functools.partial(_local_forward, chunk_size=chunk_size), (r, k, v, log_w, u, reset, h0),
+      (s.series, s.series, s.series, s.series, s.per_head, s.tokens, s.state),
+      (s.series, s.state, s.series, s.chunk_states))
+  return (y, final), (r, k, v, log_w, u, reset, states, scores, final)
 
 
 def _wkv_backward(chunk_size, residuals, cotangents):
-  r, k, v, log_w, u, reset, h0, final = residuals
+  r, k, v, log_w, u, reset, states, scores, final = residuals
   d_y, d_final = cotangents
-  series, per_head, tokens, state, per_row_head = _specs(r.shape[0], r.shape[2])
+  s = _specs(r.shape[0], r.shape[2])
   d_r, d_k, d_v, d_log_w, d_u, d_h0 = kernel_sharding.run_sharded(
-      functools.partial(_local_backward, chunk_size=chunk_size), (r, k, v, log_w, u, reset, h0, d_y, d_final),
-      (series, series, series, series, per_head, tokens, state, series, state),
-      (series, series, series, series, per_row_head, state))
+      functools.partial(_local_backward, chunk_size=chunk_size),
+      (r, k, v, log_w, u, reset, states, scores, d_y, d_final),
+      (s.series, s.series, s.series, s.series, s.per_head, s.tokens, s.chunk_states, s.series, s.series, s.state),
+      (s.series, s.series, s.series, s.series, s.per_row_head, s.state))
   d_log_w += jnp.sum(d_final * final, axis=-1)[:, None]                      # the last state: every p <= T
-  return (d_r, d_k, d_v, d_log_w, jnp.sum(d_u, axis=0).astype(u.dtype), None, d_h0.astype(h0.dtype))
+  return d_r, d_k, d_v, d_log_w, jnp.sum(d_u, axis=0).astype(u.dtype), None, d_h0
 
 
 _wkv.defvjp(_wkv_forward, _wkv_backward)
