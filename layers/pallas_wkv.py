@@ -392,9 +392,9 @@ def _key_gradients_kernel(r_ref, k_ref, v_ref, u_ref, *refs, chunk_size):
 
 # ---------------------------------------------------------------------------- calls
 
-def _call(kernel, args: tuple, out_shapes, grid: tuple, chunk_size: int, name: str):
-  return kernel_sharding.triton_call(functools.partial(kernel, chunk_size=chunk_size), out_shapes, grid,
-                                     NUM_WARPS, name)(*args)
+def _call(kernel, args: tuple, out_shapes, grid: tuple, name: str, **params):
+  """kernel(*args) over `grid` with NUM_WARPS warps a program; `params` are bound to the kernel."""
+  return kernel_sharding.triton_call(functools.partial(kernel, **params), out_shapes, grid, NUM_WARPS, name)(*args)
 
 
 def _state_grid(batch: int, heads: int, d_v: int) -> tuple[int, int, int]:
@@ -406,7 +406,7 @@ def _decays(log_w, reset, chunk_size):
   [B, T] int32): the `decays` refs of the kernels."""
   batch, length, heads, d_k = log_w.shape
   g = _call(_decays_kernel, (log_w,), jax.ShapeDtypeStruct((batch, 1 + length, heads, d_k), jnp.float32),
-            (length // chunk_size, batch, heads), chunk_size, 'wkv_decays')
+            (length // chunk_size, batch, heads), 'wkv_decays', chunk_size=chunk_size)
   segment = jnp.cumsum(reset.reshape(batch, -1, chunk_size), axis=-1).reshape(batch, length)
   return log_w, g, segment
 
@@ -415,7 +415,7 @@ def _states(k, v, decays, h0, chunk_size):
   batch, length, heads, d_k = k.shape
   states = jax.ShapeDtypeStruct((batch, length // chunk_size, heads, d_k, v.shape[-1]), jnp.float32)
   return _call(_states_kernel, (k, v, *decays, h0), (states, jax.ShapeDtypeStruct(h0.shape, jnp.float32)),
-               _state_grid(batch, heads, v.shape[-1]), chunk_size, 'wkv_states')
+               _state_grid(batch, heads, v.shape[-1]), 'wkv_states', chunk_size=chunk_size)
 
 
 def _local_forward(r, k, v, log_w, u, reset, h0, chunk_size):
@@ -425,7 +425,7 @@ def _local_forward(r, k, v, log_w, u, reset, h0, chunk_size):
   y, scores = _call(_forward_kernel, (r, k, v, u, *decays, states),
                     (jax.ShapeDtypeStruct(v.shape, jnp.float32),
                      jax.ShapeDtypeStruct((batch, length, heads, SUB), jnp.float32)),
-                    (length // SUB, batch, heads), chunk_size, 'wkv_forward')
+                    (length // SUB, batch, heads), 'wkv_forward', chunk_size=chunk_size)
   return y, final, scores, states
 
 
@@ -435,22 +435,21 @@ def _local_backward(r, k, v, log_w, u, reset, states, scores, d_y, d_final, chun
   d_states, d_h0 = _call(_state_cotangents_kernel, (r, d_y, *decays, d_final),
                          (jax.ShapeDtypeStruct(states.shape, jnp.float32),
                           jax.ShapeDtypeStruct(d_final.shape, jnp.float32)),
-                         _state_grid(batch, heads, v.shape[-1]), chunk_size, 'wkv_state_cotangents')
+                         _state_grid(batch, heads, v.shape[-1]), 'wkv_state_cotangents', chunk_size=chunk_size)
   num_subs = length // SUB
-  pair_scores = jax.ShapeDtypeStruct((batch, length, heads, SUB), jnp.float32)
-  d_scores, d_scores_by_key = kernel_sharding.triton_call(_score_cotangents_kernel, (pair_scores, pair_scores),
-                                                          (num_subs, batch, heads), NUM_WARPS,
-                                                          'wkv_score_cotangents')(d_y, v, decays[2])
+  grid = (num_subs, batch, heads)
+  pair_scores = jax.ShapeDtypeStruct(scores.shape, jnp.float32)
+  d_scores, d_scores_by_key = _call(_score_cotangents_kernel, (d_y, v, decays[2]), (pair_scores, pair_scores), grid,
+                                    'wkv_score_cotangents')
   per_sub = jax.ShapeDtypeStruct((batch, num_subs, heads, key_size), jnp.float32)
   series = jax.ShapeDtypeStruct(log_w.shape, jnp.float32)
-  grid = (num_subs, batch, heads)
   d_r, queries_part, queries_total = _call(_query_gradients_kernel, (r, k, v, u, *decays, states, d_y, d_scores_by_key),
                                            (jax.ShapeDtypeStruct(r.shape, r.dtype), series, per_sub), grid,
-                                           chunk_size, 'wkv_query_gradients')
+                                           'wkv_query_gradients', chunk_size=chunk_size)
   d_k, d_v, d_log_w, keys_total, d_u = _call(
       _key_gradients_kernel, (r, k, v, u, *decays, d_states, d_y, scores, d_scores, queries_part),
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), series, per_sub, per_sub),
-      grid, chunk_size, 'wkv_key_gradients')
+      grid, 'wkv_key_gradients', chunk_size=chunk_size)
   d_log_w_total = queries_total - keys_total
   later = jnp.cumsum(d_log_w_total[:, ::-1], axis=1)[:, ::-1] - d_log_w_total  # sub-chunks after each
   d_log_w = d_log_w.reshape(batch, num_subs, SUB, heads, key_size) + later[:, :, None]
