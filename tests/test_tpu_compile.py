@@ -5,6 +5,7 @@ import jax
 import pytest
 
 from trainers.experiment import Experiment
+from trainers.jitted_step import TrainStep
 from trainers.tpu_compile import HBM_BYTES, compile_decode_step, compile_report, compile_train_step, topology_devices
 from tests.helpers import FAMILY_CONFIGS, family_tiny_config
 
@@ -25,7 +26,8 @@ def test_family_compiles_for_tpu_with_the_rules_shardings(name, data_dir):
   with exp.activate():
     train = compile_train_step(exp, config.batch_size, config.seq_len)
     decode = compile_decode_step(exp, config.batch_size, 64)
-  state_shardings, batch_sharding = train.input_shardings[0]
+  leaf_shardings, batch_sharding = train.input_shardings[0]
+  state_shardings = TrainStep(exp).state(leaf_shardings)
   for sharding in jax.tree.leaves(batch_sharding):  # tokens, positions
     assert sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'), None)
   by_path = {jax.tree_util.keystr(path): s for path, s in jax.tree_util.tree_flatten_with_path(state_shardings.params)[0]}

@@ -1,6 +1,8 @@
 """The training loop end to end on the embedded corpus: loss falls, a stopped
 run resumes bitwise (same data, same parameters), gradient accumulation equals
-one big batch, evaluation writes loss and bits per byte, the binaries run."""
+one big batch, the step on the state's flat leaves equals the step on the
+TrainState, the one-hot cross-entropy equals optax's, finiteness is flagged per
+leaf, evaluation writes loss and bits per byte, the binaries run."""
 import json
 import math
 import os
@@ -8,13 +10,16 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from trainers import steps
 from trainers.checkpoints import Checkpointer
 from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
+from trainers.jitted_step import TrainStep
 from trainers.train_loop import train
 from tests.helpers import packed_positions, random_tokens, read_metrics, tiny_experiment
 
@@ -76,6 +81,40 @@ def test_gradient_accumulation_equals_one_batch(data_dir):
   assert float(accumulated_metrics['loss']) == pytest.approx(float(one_metrics['loss']), rel=1e-6)
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(accumulated.params)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_step_on_leaves_equals_step_on_train_state(data_dir):
+  config = tiny_experiment(data_dir, **{'model.dtype': 'float32'})
+  batch = dict(tokens=np.asarray(random_tokens((4, 33), 257)),
+               positions=np.asarray(packed_positions([[33], [10, 23]] * 2)))
+  exp = Experiment.build(config, jax.devices()[:2])
+  with exp.activate():
+    on_state, state_metrics = jax.jit(steps.make_train_step(exp.graphdef, exp.tx, exp.schedule))(
+        exp.new_state(), exp.device_batch(batch))
+    step = TrainStep(exp)
+    leaves, leaf_metrics = step(step.leaves(exp.new_state()), exp.device_batch(batch))
+  on_leaves = step.state(leaves)
+  assert jax.tree.structure(on_leaves) == jax.tree.structure(on_state)
+  for a, b in zip(jax.tree.leaves((on_state, state_metrics)), jax.tree.leaves((on_leaves, leaf_metrics))):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)  # bitwise on CPU; a GPU may fuse the two differently
+
+
+def test_cross_entropy_matches_optax():
+  logits = 5 * jax.random.normal(jax.random.key(0), (2, 6, 11), jnp.float32)  # [B, L, V]
+  targets = jax.random.randint(jax.random.key(1), (2, 6), 0, 11)
+  weights = jax.random.uniform(jax.random.key(2), (2, 6))
+  ours, reference = (jax.value_and_grad(lambda z: jnp.sum(f(z, targets) * weights))(logits)
+                     for f in (steps.cross_entropy, optax.softmax_cross_entropy_with_integer_labels))
+  np.testing.assert_allclose(ours[0], reference[0], rtol=1e-6)
+  np.testing.assert_allclose(ours[1], reference[1], rtol=1e-5, atol=1e-7)
+  outside = steps.cross_entropy(logits, jnp.full((2, 6), -1))  # e.g. padding: log-sum-exp, finite
+  np.testing.assert_allclose(outside, jax.nn.logsumexp(logits, axis=-1), rtol=1e-6)
+
+
+def test_finite_leaves_names_each_bad_leaf():
+  grads = dict(a=jnp.ones(3), b=jnp.array([1.0, jnp.nan]), c=jnp.array([-jnp.inf]), d=jnp.full((2,), 3e19))
+  assert steps.finite_leaves(jnp.float32(2.0), grads).tolist() == [True, True, False, False, False]  # d: norm > 1.8e19
+  assert not steps.finite_leaves(jnp.float32(jnp.nan), dict(a=jnp.ones(3)))[0]
 
 
 def test_evaluate_checkpoint_reports_bits_per_byte(straight_run):

@@ -16,8 +16,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from trainers import steps
 from trainers.experiment import Experiment
+from trainers.jitted_step import TrainStep
 from trainers.metrics import peak_flops
 
 
@@ -46,17 +46,16 @@ def benchmark_train_step(config, num_steps: int, warmup: int, devices: list[jax.
     batch = exp.device_batch(synthetic_batch(config.batch_size, config.seq_len))
     jax.block_until_ready(state)
     logging.info('state on %d devices after %.1f s', exp.mesh.size, time.perf_counter() - started)
-    step = jax.jit(steps.make_train_step(exp.graphdef, exp.tx, exp.schedule, config.get('grad_accum_steps', 1)),
-                   in_shardings=(exp.state_shardings, exp.batch_sharding),
-                   out_shardings=(exp.state_shardings, None), donate_argnums=0)
+    step = TrainStep(exp)
+    leaves = step.leaves(state)
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(leaves, batch).compile()
     compile_s = time.perf_counter() - start
     logging.info('compiled in %.1f s', compile_s)
     times, losses = [], []
     for i in range(warmup + num_steps):
       start = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      leaves, metrics = compiled(leaves, batch)
       jax.block_until_ready(metrics)
       if i >= warmup:
         times.append(time.perf_counter() - start)

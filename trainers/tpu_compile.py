@@ -12,8 +12,9 @@ from flax import nnx
 from jax.experimental import topologies
 from ml_collections import ConfigDict
 
-from trainers import partitioning, steps
+from trainers import partitioning
 from trainers.experiment import Experiment
+from trainers.jitted_step import TrainStep
 
 HBM_BYTES = {'v4': 32 << 30, 'v5e': 16 << 30, 'v5p': 95 << 30, 'v6e': 32 << 30}
 
@@ -35,10 +36,8 @@ def compile_train_step(exp: Experiment, batch_size: int, seq_len: int):
   """The sharded, donated train step compiled for the experiment's (TPU) mesh."""
   batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=exp.batch_sharding)
            for k in ('tokens', 'positions')}
-  step = jax.jit(steps.make_train_step(exp.graphdef, exp.tx, exp.schedule, exp.config.get('grad_accum_steps', 1)),
-                 in_shardings=(exp.state_shardings, exp.batch_sharding), out_shardings=(exp.state_shardings, None),
-                 donate_argnums=0)
-  return step.lower(exp.restore_target(), batch).compile()
+  step = TrainStep(exp)
+  return step.lower(step.leaves(exp.restore_target()), batch).compile()
 
 
 def compile_decode_step(exp: Experiment, batch_size: int, context: int):

@@ -18,6 +18,7 @@ from trainers import data, run_config, steps, train_state
 from trainers.checkpoints import Checkpointer
 from trainers.evaluator import Evaluator
 from trainers.experiment import Experiment
+from trainers.jitted_step import TrainStep
 from trainers.metrics import MetricsWriter, Throughput, log_progress
 from trainers.param_overview import parameter_overview
 
@@ -106,10 +107,7 @@ class _Loop:
     self.workdir = workdir
     self.is_lead = jax.process_index() == 0
     self.stop_on_nonfinite = config.get('on_nonfinite', 'stop') == 'stop'
-    self.train_step = jax.jit(
-        steps.make_train_step(exp.graphdef, exp.tx, exp.schedule, config.get('grad_accum_steps', 1)),
-        in_shardings=(exp.state_shardings, exp.batch_sharding), out_shardings=(exp.state_shardings, None),
-        donate_argnums=0)
+    self.train_step = TrainStep(exp)
     self.evaluator = Evaluator(config, exp.graphdef, exp.batch_sharding, num_batches=config.get('eval_batches', None))
     self.throughput = Throughput(train_flops_per_token=3 * exp.abstract_model.flops_per_token(config.seq_len),
                                  tokens_per_step=config.batch_size * config.seq_len,
@@ -127,47 +125,50 @@ class _Loop:
     if step >= config.total_steps:
       logging.info('already trained to config.total_steps=%d; raise it to train further', config.total_steps)
     last = {}
+    leaves = self.train_step.leaves(state)  # the state between steps; see trainers/jitted_step.py
     with _Preemption() as preemption:
       while step < config.total_steps:
-        state, metrics = self._step(state, step)
+        leaves, metrics = self._step(leaves, step)
         step += 1
         if step == first_step + 1:  # tokens/s counts from the end of the compile
-          jax.block_until_ready(state)
+          jax.block_until_ready(leaves)
           self.throughput.start(step)
-        last = self._log_and_evaluate(step, state, metrics) or last
+        last = self._log_and_evaluate(step, leaves, metrics) or last
         preempted = preemption.reached(step)
         stopping = preempted or step in (stop_at, config.total_steps)
-        if self.stop_on_nonfinite and (stopping or self.checkpointer.due(step)):
-          _check_finite(state, self.leaf_names, self.checkpointer)  # never save a bad state over a good one
-        self.checkpointer.save(step, state, self.iterator.get_state(), force=stopping)
+        if stopping or self.checkpointer.due(step):
+          state = self.train_step.state(leaves)
+          if self.stop_on_nonfinite:
+            _check_finite(state, self.leaf_names, self.checkpointer)  # never save a bad state over a good one
+          self.checkpointer.save(step, state, self.iterator.get_state(), force=stopping)
         if preempted:
           logging.warning('SIGTERM: saved the checkpoint of step %d; exiting', step)
         if stopping:
           break
     return last
 
-  def _step(self, state: train_state.TrainState, step: int):
+  def _step(self, leaves: list[jax.Array], step: int):
     profiling = step in self.profile_steps
     if profiling:
       jax.profiler.start_trace(os.path.join(self.workdir, 'profile'))
-    state, metrics = self.train_step(state, self.exp.device_batch(next(self.iterator)))
+    leaves, metrics = self.train_step(leaves, self.exp.device_batch(next(self.iterator)))
     if profiling:
-      jax.block_until_ready(state)
+      jax.block_until_ready(leaves)
       jax.profiler.stop_trace()
-    return state, metrics
+    return leaves, metrics
 
-  def _log_and_evaluate(self, step: int, state: train_state.TrainState, metrics: dict) -> dict:
+  def _log_and_evaluate(self, step: int, leaves: list[jax.Array], metrics: dict) -> dict:
     """Writes the record of this step (empty if it is neither a log nor an eval step)."""
     config, record = self.config, {}
     if step % config.log_every == 0 or step == config.total_steps:
       record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
       record.update(self.throughput.measure(step))
       if self.stop_on_nonfinite and record['skipped_steps']:
-        _check_finite(state, self.leaf_names, self.checkpointer)
+        _check_finite(self.train_step.state(leaves), self.leaf_names, self.checkpointer)
       if self.is_lead:
         log_progress(step, config.total_steps, record)
     if step % config.eval_every == 0 or step == config.total_steps:
-      record.update({f'eval_{k}': v for k, v in self.evaluator.scalars(state.params).items()})
+      record.update({f'eval_{k}': v for k, v in self.evaluator.scalars(self.train_step.state(leaves).params).items()})
       if self.is_lead:
         logging.info('step %d eval: %s', step, ', '.join(f'{k[5:]} {v:.4f}' for k, v in record.items()
                                                          if k in ('eval_loss', 'eval_bits_per_byte', 'eval_mae')))
