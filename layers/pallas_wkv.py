@@ -69,8 +69,8 @@ from jax.experimental import pallas as pl
 
 from layers import kernel_sharding, sharding
 
-SUB = 16        # tokens per sub-chunk: pairs across sub-chunks are matmuls, inside one they are walked
-NUM_WARPS = 4      # 8 warps for the key kernel: 12.15 ms against 10.28 at T=8192 (docs/performance.md)
+SUB = 16           # tokens per sub-chunk: pairs across sub-chunks are matmuls, inside one they are walked
+NUM_WARPS = 4      # every kernel; 8 were slower (the key kernel: 12.15 ms against 10.28 at T=8192)
 STATE_BLOCK = 32   # value channels per program of the two kernels that walk the chunks in order
 
 
@@ -439,15 +439,15 @@ def _local_backward(r, k, v, log_w, u, reset, states, scores, d_y, d_final, chun
   num_subs = length // SUB
   grid = (num_subs, batch, heads)
   pair_scores = jax.ShapeDtypeStruct(scores.shape, jnp.float32)
-  d_scores, d_scores_by_key = _call(_score_cotangents_kernel, (d_y, v, decays[2]), (pair_scores, pair_scores), grid,
-                                    'wkv_score_cotangents')
+  d_scores_by_query, d_scores_by_key = _call(_score_cotangents_kernel, (d_y, v, decays[2]),
+                                             (pair_scores, pair_scores), grid, 'wkv_score_cotangents')
   per_sub = jax.ShapeDtypeStruct((batch, num_subs, heads, key_size), jnp.float32)
   series = jax.ShapeDtypeStruct(log_w.shape, jnp.float32)
   d_r, queries_part, queries_total = _call(_query_gradients_kernel, (r, k, v, u, *decays, states, d_y, d_scores_by_key),
                                            (jax.ShapeDtypeStruct(r.shape, r.dtype), series, per_sub), grid,
                                            'wkv_query_gradients', chunk_size=chunk_size)
   d_k, d_v, d_log_w, keys_total, d_u = _call(
-      _key_gradients_kernel, (r, k, v, u, *decays, d_states, d_y, scores, d_scores, queries_part),
+      _key_gradients_kernel, (r, k, v, u, *decays, d_states, d_y, scores, d_scores_by_query, queries_part),
       (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype), series, per_sub, per_sub),
       grid, 'wkv_key_gradients', chunk_size=chunk_size)
   d_log_w_total = queries_total - keys_total

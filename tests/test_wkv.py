@@ -3,9 +3,9 @@ written out in numpy (with and without the bonus u, document resets, an initial 
 chunked form equals it in values and gradients (chunk sizes that do and do not divide T, one
 chunk, sub-chunks of one token; decays near 0 and near 1) and stays finite in bfloat16; so do the
 fused Pallas kernels (interpret mode on CPU, alone and on the 8-device mesh), which 'auto' picks on
-GPU where they take the sizes; the token shift resets at document starts and continues from its state; both time-mix variants
-(Finch with gate and bonus, Finch-C2 with k (1 - w) and a second value) equal a numpy
-transcription of their equations. Shapes are shared between tests to keep compiles few."""
+GPU where they take the sizes; the token shift resets at document starts and continues from its
+state; both time-mix variants (Finch with gate and bonus, Finch-C2 with k (1 - w) and a second
+value) equal a numpy transcription of their equations. Shapes are shared between tests to keep compiles few."""
 import functools
 
 import jax
