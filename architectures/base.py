@@ -2,8 +2,9 @@
 
 A model is an `nnx.Module` with
 
-  __call__(tokens [B, T] int32, positions [B, T] int32, cache=None, *, last_only=False)
+  __call__(tokens [B, T] int32, positions [B, T] int32, cache=None, *, last_only=False, capped=True)
       -> (logits [B, T, V] float32 ([B, 1, V] with last_only: a prefill needs only the last), cache)
+      (capped=False: logits before the soft cap `logits_soft_cap`, which the training loss applies)
   init_cache(batch, max_len, dtype) -> cache   (a pytree of fixed shapes)
   cache_bytes(batch, context_len, dtype) -> int
   flops_per_token(seq_len) -> float            (forward matmul FLOPs, MaxText-style)
@@ -104,7 +105,8 @@ class AttentionHeads:
 
 
 class SequenceModel(nnx.Module):
-  """Base class: families implement __call__, init_cache and flops_per_token."""
+  """Base class: families implement __call__, init_cache and flops_per_token, and keep their ends
+  (embedding in, logits out) in `self.io`, a TokenIO or SeriesIO (layers/model_io.py)."""
 
   Config: ClassVar[type[ModelConfig]]
   # False where left padding changes a row's result (block-recurrent windows are aligned to the
@@ -114,6 +116,11 @@ class SequenceModel(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     raise NotImplementedError
+
+  @property
+  def logits_soft_cap(self) -> float:
+    """c > 0: logits are c * tanh(z / c) of the projection's z; 0: no cap."""
+    return self.io.logits_soft_cap
 
   def flops_per_token(self, seq_len: int) -> float:
     raise NotImplementedError

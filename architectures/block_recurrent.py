@@ -186,7 +186,7 @@ class BlockRecurrentTransformer(SequenceModel):
     self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
-               last_only: bool = False) -> tuple[jax.Array, ModelCache | None]:
+               last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
     token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
     x = self.io.embed_tokens(tokens)  # [B, T, D]
 
@@ -197,7 +197,7 @@ class BlockRecurrentTransformer(SequenceModel):
                                          scan=False, remat=self.config.remat)
     if last_only:
       x = x[:, -1:]
-    logits = self.io.logits(self.final_norm(x))
+    logits = self.io.logits(self.final_norm(x), capped)
     return logits, (None if cache is None else ModelCache(cursor=cursor, layers=layer_caches))
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:

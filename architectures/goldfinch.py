@@ -225,7 +225,7 @@ class GoldFinch(SequenceModel):
     return _constrain(self.ln0(self.io.embed_tokens(tokens)))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
-               last_only: bool = False) -> tuple[jax.Array, ModelCache | None]:
+               last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
     cfg = self.config
     caches: GoldFinchCaches | None = None if cache is None else cache.layers
     token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
@@ -252,7 +252,7 @@ class GoldFinch(SequenceModel):
                                           scan=False, remat=cfg.remat)
     if last_only:
       x = x[:, -1:]
-    logits = self.io.logits(self.ln_out(x))                             # [B, T or 1, V]
+    logits = self.io.logits(self.ln_out(x), capped)                     # [B, T or 1, V]
     if cache is None:
       return logits, None
     return logits, ModelCache(cursor=cursor, layers=GoldFinchCaches(rwkv=rwkv_caches, gold=gold_caches,

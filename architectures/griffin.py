@@ -227,7 +227,7 @@ class Griffin(SequenceModel):
     return self.config.num_layers // len(self.config.block_pattern)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
-               last_only: bool = False) -> tuple[jax.Array, ModelCache | None]:
+               last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
     cfg = self.config
     token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
     x = self.io.embed_tokens(tokens)  # [B, T, D]
@@ -247,7 +247,7 @@ class Griffin(SequenceModel):
                                           scan=False, remat=cfg.remat)
     if last_only:
       x = x[:, -1:]
-    logits = self.io.logits(self.final_norm(x))  # [B, T or 1, V]
+    logits = self.io.logits(self.final_norm(x), capped)  # [B, T or 1, V]
     if cache is None:
       return logits, None
     return logits, ModelCache(cursor=cursor, layers=dict(groups=group_caches, tail=tail_caches))

@@ -104,7 +104,7 @@ class Transformer(SequenceModel):
     self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
-               last_only: bool = False) -> tuple[jax.Array, ModelCache | None]:
+               last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
     """tokens [B, T] int32 (or values [B, T, F] when forecasting) -> logits [B, T, V] (predictions [B, T, F])."""
     cfg = self.config
     token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
@@ -117,7 +117,7 @@ class Transformer(SequenceModel):
                                          scan=cfg.scan_layers, remat=cfg.remat)
     if last_only:
       x = x[:, -1:]
-    logits = self.io.logits(self.final_norm(x))  # [B, T or 1, V]
+    logits = self.io.logits(self.final_norm(x), capped)  # [B, T or 1, V]
     return logits, (None if cache is None else ModelCache(cursor=cursor, layers=layer_caches))
 
   @staticmethod

@@ -248,7 +248,7 @@ class YOCO(SequenceModel):
     self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=dtypes['param_dtype'])
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
-               last_only: bool = False) -> tuple[jax.Array, ModelCache | None]:
+               last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
     cfg = self.config
     token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
     x = self.io.embed_tokens(tokens)  # [B, T, D]
@@ -266,7 +266,7 @@ class YOCO(SequenceModel):
       return layer(h, positions, kv), None
 
     x, _ = stack.apply_layers(self.cross_layers, x, None, cross_fn, scan=cfg.scan_layers, remat=cfg.remat)
-    logits = self.io.logits(self.final_norm(x))  # [B, T or 1, V]
+    logits = self.io.logits(self.final_norm(x), capped)  # [B, T or 1, V]
     if cache is None:
       return logits, None
     return logits, ModelCache(cursor=cursor, layers=YOCOLayerCaches(self_decoder=self_caches, cross_kv=cross_kv))

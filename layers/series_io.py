@@ -14,6 +14,7 @@ from layers.linear import Dense
 
 
 class SeriesIO(nnx.Module):
+  logits_soft_cap = 0.0  # predictions are never capped
 
   def __init__(self, features: int, dim: int, *, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
@@ -25,5 +26,6 @@ class SeriesIO(nnx.Module):
     x = self.project_in(values)
     return sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
 
-  def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, F] float32 predictions
+  def logits(self, h: jax.Array, capped: bool = True) -> jax.Array:  # [B, T, D] -> [B, T, F] float32 predictions
+    del capped  # no cap
     return self.project_out(h).astype(jnp.float32)

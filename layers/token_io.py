@@ -3,7 +3,8 @@
 in:  x = E[token] (times sqrt(D) when `scale_embeddings`, Gemma-style; the
      constant can be rounded to the compute dtype as RecurrentGemma does)
 out: logits = h E^T (tied) or h W_out, in float32, optionally soft-capped
-     c * tanh(logits / c) (Gemma 2, RecurrentGemma).
+     c * tanh(logits / c) (Gemma 2, RecurrentGemma); `capped=False` leaves the
+     cap to a loss that applies it in its own pass (trainers/cross_entropy.py).
 """
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,8 @@ class TokenIO(nnx.Module):
       x = x * jnp.asarray(self.input_scale, x.dtype)
     return sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
 
-  def logits(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+  def logits(self, h: jax.Array, capped: bool = True) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
     logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h).astype(jnp.float32)
-    if self.logits_soft_cap:
+    if self.logits_soft_cap and capped:
       logits = self.logits_soft_cap * jnp.tanh(logits / self.logits_soft_cap)
     return sharding.constrain(logits, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_VOCAB))

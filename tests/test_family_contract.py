@@ -3,14 +3,15 @@
 Families are found from experiments/configs/*.py, so a new family is covered
 as soon as its config file exists. For each config: prefill + single-token
 decode == one forward pass (float32, max abs diff < 1e-4) on rows with a
-document start and long enough to wrap window caches. For each family (the
-config named after it): the train step on an 8-device mesh
-(data=2, fsdp=2, tensor=2) == one device (float32; shard partial sums reduce
-in another order, so losses agree to rtol 1e-5 and parameters to 1e-5 after
-two AdamW steps; Adam's eps is raised to 1e-3 here, because with the usual
-1e-8 an element whose gradient is ~0 turns summation noise into a sizeable
-fraction of the learning rate); repeated steps on one batch
-lower the loss; cache_bytes matches the cache init_cache builds.
+document start and long enough to wrap window caches; with a soft cap, the
+logits before it (`capped=False`, what the loss takes), capped, == the
+logits. For each family (the config named after it): the train step on an
+8-device mesh (data=2, fsdp=2, tensor=2) == one device (float32; shard
+partial sums reduce in another order, so losses agree to rtol 1e-5 and
+parameters to 1e-5 after two AdamW steps; Adam's eps is raised to 1e-3 here,
+because with the usual 1e-8 an element whose gradient is ~0 turns summation
+noise into a sizeable fraction of the learning rate); repeated steps on one
+batch lower the loss; cache_bytes matches the cache init_cache builds.
 """
 import jax
 import jax.numpy as jnp
@@ -46,6 +47,9 @@ def test_prefill_then_decode_equals_forward(name, data_dir):
     logits, cache = call(tokens[:, t:t + 1], positions[:, t:t + 1], cache)
     outs.append(logits)
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-4)
+  if cap := model.logits_soft_cap:
+    before_cap = jitted(model, capped=False)(tokens, positions)[0]
+    np.testing.assert_allclose(cap * jnp.tanh(before_cap / cap), full, rtol=1e-6, atol=1e-6)
   assert model.cache_bytes(2, DECODE_LENGTH, jnp.float32) == sum(x.nbytes for x in jax.tree.leaves(cache))
 
 

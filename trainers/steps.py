@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from trainers.cross_entropy import cross_entropy
 from trainers.tokenizer import ByteTokenizer
 from trainers.train_state import TrainState
 
@@ -36,31 +37,21 @@ def split_batch(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Arra
   return rows[:, :-1], positions[:, :-1], rows[:, 1:], weights.astype(jnp.float32)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:  # [B, L, V], [B, L] -> [B, L]
-  """-log softmax(logits)[target]: log-sum-exp minus the target's logit.
-
-  The target's logit is picked by a one-hot mask, not a gather: the backward,
-  softmax minus one-hot, is then one elementwise pass over the logits (fused
-  with the soft cap's backward and the cast to the compute dtype), where a
-  gather's transpose adds a scatter and a second pass (~2 GB each in float32
-  at 16k targets and vocabulary 32768). A target outside [0, V) gets log-sum-exp.
-  """
-  is_target = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)  # [B, L, V]
-  target_logits = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-  return jax.nn.logsumexp(logits, axis=-1) - target_logits
-
-
 def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, carry: Any = None):
-  """outputs [B, L, V or F], loss per target [B, L] (0 where not counted), the sums, the new carry."""
+  """outputs [B, L, V or F], loss per target [B, L] (0 where not counted), the sums, the new carry.
+
+  Token logits come before the model's soft cap, which the cross-entropy applies (one pass over them).
+  """
   inputs, positions, targets, weights = split_batch(batch)
-  outputs, carry = nnx.merge(graphdef, params)(inputs, positions, carry)  # float32
+  model = nnx.merge(graphdef, params)
+  outputs, carry = model(inputs, positions, carry, capped=False)  # float32
   if 'values' in batch:  # forecasting: squared and absolute error, averaged over the features
     error = outputs - targets
     losses = jnp.mean(jnp.square(error), axis=-1) * weights
     sums = dict(loss_sum=jnp.sum(losses), target_count=jnp.sum(weights),
                 abs_error_sum=jnp.sum(jnp.mean(jnp.abs(error), axis=-1) * weights))
   else:
-    losses = cross_entropy(outputs, targets) * weights
+    losses = cross_entropy(outputs, targets, model.logits_soft_cap) * weights
     byte_weights = weights * (targets < ByteTokenizer.eos_id)
     sums = dict(loss_sum=jnp.sum(losses), target_count=jnp.sum(weights), byte_count=jnp.sum(byte_weights))
   return outputs, losses, sums, carry
