@@ -1,5 +1,6 @@
 """Tests of the data pipeline: local tfds corpora, packing, grain iterators (no JAX)."""
 import json
+import logging
 import os
 import pathlib
 import re
@@ -167,6 +168,53 @@ def test_concurrent_builds_build_once_and_completely(corpus, tmp_path):
   assert not leftovers
 
 
+def test_identical_files_are_one_document_and_the_overlap_is_reported(tmp_path, caplog):
+  """Issue 30.2: licence files copied under many names went to both splits; now each content is stored once,
+  the build says how many files it dropped, and describe() reports what validation shares with training."""
+  corpus = tmp_path / 'corpus'
+  licence = b'Permission is hereby granted, free of charge, to any person obtaining a copy\n' * 3
+  for i in range(12):
+    (corpus / f'pkg{i:02d}').mkdir(parents=True)
+    (corpus / f'pkg{i:02d}' / 'copyright.txt').write_bytes(licence)
+    (corpus / f'own{i:02d}.txt').write_bytes(f'file {i:02d}, a line of its own words\n'.encode() * 2
+                                             + b'    this line is shared by every own file\n')
+  caplog.set_level(logging.INFO)
+  config = _config(corpus, tmp_path / 'tfds', **{'dataset.validation_fraction': 0.3})
+  (train_paths, train_texts), (val_paths, val_texts) = (_split_files(config, s) for s in ('train', 'validation'))
+  assert len(train_texts + val_texts) == len(set(train_texts + val_texts)) == 13
+  assert 'pkg00/copyright.txt' in train_paths + val_paths  # the first path of the copies
+  assert '11 of 24 files have the same bytes as another file' in caplog.text
+  description = data.describe(config)
+  assert (description['files'], description['duplicate_files_dropped']) == (24, 11)
+  assert description['validation']['documents'] == len(val_texts)
+  train_lines = {line.strip() for text in train_texts for line in text.split(b'\n')}
+  val_lines = [line.strip() for text in val_texts for line in text.split(b'\n') if len(line.strip()) > 20]
+  assert description['overlap'] == dict(
+      validation_documents=len(val_texts), identical_to_train=0, validation_lines=len(val_lines),
+      lines_in_train=sum(line in train_lines for line in val_lines),
+      line_overlap=pytest.approx(sum(line in train_lines for line in val_lines) / len(val_lines)),
+      line_min_chars=20)
+  assert description['overlap']['lines_in_train'] > 0  # the shared line
+
+
+def test_a_changed_directory_is_built_again(tmp_path, caplog):
+  """Issue 30.3: files added to a directory already built were ignored; now the build's name holds a manifest
+  (paths, sizes, modification times), so a changed directory builds a new snapshot and says so."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(4):
+    (corpus / f'f{i}.txt').write_text(f'document {i} ' * 20)
+  config = _config(corpus, tmp_path / 'tfds', **{'dataset.validation_fraction': 0.3})
+  texts = lambda: sorted(t for split in ('train', 'validation') for t in _split_files(config, split)[1])
+  before = texts()
+  (corpus / 'f4.txt').write_text('a new document ' * 20)
+  (corpus / 'f0.txt').write_text('an edited one  ' * 20)
+  caplog.set_level(logging.INFO)
+  after = texts()
+  assert after == sorted([*before[1:], b'a new document ' * 20, b'an edited one  ' * 20])
+  assert 'changed since the build' in caplog.text
+
+
 def test_empty_local_dir_is_a_clear_error(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
@@ -180,7 +228,8 @@ def test_missing_catalog_dataset_is_a_clear_error(tmp_path):
   for name in ('pg19', 'no_such_dataset_xyz'):
     config = _config('', tmp_path, **{'dataset.name': name})
     with pytest.raises(data.DatasetNotPreparedError,
-                       match=rf"(?s){name}.*{re.escape(str(tmp_path))}.*tfds build {name} --file_format=array_record.*config\.dataset\.data_dir"):
+                       match=rf"(?s){name}.*{re.escape(str(tmp_path))}.*tfds build {name} "
+                             r"--file_format=array_record.*config\.dataset\.data_dir"):
       data.make_train_iterator(config)
 
 

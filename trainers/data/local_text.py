@@ -8,13 +8,20 @@
 
 Both write array_record files (no TensorFlow needed) with the features
 `{'text': Text, 'path': Text}` (file bytes as stored, relative POSIX path) and
-the splits `train` / `validation`, chosen by a stable hash of the relative
-path. Examples are stored in sorted path order (`disable_shuffling`).
+the splits `train` / `validation`. Files with the same bytes are one document:
+each content is stored once, under its first path in sorted order, so no
+document is in both splits (the build logs how many files it dropped and
+records it in the dataset's metadata, `duplicate_files_dropped`). The split of
+a document is chosen by a stable hash of that path. Examples are stored in
+sorted path order (`disable_shuffling`).
 
 The builder config name identifies the files it was built from: Python
 major.minor for the stdlib, a hash of the resolved directory and patterns for
-a local directory, plus the validation fraction. A build is a snapshot: after
-editing the files, delete `<data_dir>/local_text/<config name>` to rebuild.
+a local directory, then a hash of the file manifest (every matching file's
+path, size and modification time), then the validation fraction. A build is a
+snapshot of those files: adding, removing or editing one changes the manifest,
+so the next use builds a new snapshot (and says so) instead of reading a
+stale one.
 
 `prepare(builder)` builds on first use, under a file lock so that concurrent
 processes build once; tfds itself writes into a temporary folder that is
@@ -22,6 +29,7 @@ renamed at the end, so an interrupted build never looks complete.
 """
 import contextlib
 import dataclasses
+import fnmatch
 import hashlib
 import logging
 import os
@@ -46,27 +54,53 @@ class LocalTextConfig(tfds.core.BuilderConfig):
   patterns: tuple[str, ...] = DEFAULT_PATTERNS
   exclude_dirs: tuple[str, ...] = ()
   validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+  manifest: str = ''  # `manifest_digest` of the files when the config was made
 
 
 def list_files(root: str | os.PathLike, patterns, exclude_dirs=()) -> list[str]:
   """Relative POSIX paths of the non-empty regular files under `root` matching a pattern.
 
   Paths with a hidden component (`.git/`, `.venv/`, `.x.txt`) or a folder named
-  in `exclude_dirs` are skipped. Sorted, without duplicates.
+  in `exclude_dirs` are skipped (and not walked into: the stdlib's
+  site-packages can be large). Sorted, without duplicates.
   """
   root = pathlib.Path(root)
   found = set()
-  for pattern in patterns:
+  anywhere = {p for p in patterns if p.startswith('**/') and '/' not in p[3:]}  # '**/*.py': a name anywhere
+  for folder, dirs, names in os.walk(root):
+    dirs[:] = [d for d in dirs if not d.startswith('.') and d not in exclude_dirs]
+    for name in names:
+      if any(fnmatch.fnmatchcase(name, pattern[3:]) for pattern in anywhere):
+        found.add(pathlib.Path(folder, name).relative_to(root))
+  for pattern in sorted(set(patterns) - anywhere):
     for path in root.glob(pattern):
       rel = path.relative_to(root)
-      parts = rel.parts
-      if any(p.startswith('.') for p in parts):
-        continue
-      if any(p in exclude_dirs for p in parts[:-1]):
-        continue
-      if path.is_file() and path.stat().st_size > 0:
-        found.add(rel.as_posix())
-  return sorted(found)
+      if not any(p.startswith('.') for p in rel.parts) and not any(p in exclude_dirs for p in rel.parts[:-1]):
+        found.add(rel)
+  return sorted(rel.as_posix() for rel in found
+                if not rel.name.startswith('.') and (root / rel).is_file() and (root / rel).stat().st_size > 0)
+
+
+def manifest_digest(root: str | os.PathLike, relpaths: list[str]) -> str:
+  """12 hex digits identifying the files' paths, sizes and modification times (a changed file changes it)."""
+  digest = hashlib.sha256()
+  for rel in relpaths:
+    stat = (pathlib.Path(root) / rel).stat()
+    digest.update(f'{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode('utf-8'))
+  return digest.hexdigest()[:12]
+
+
+def unique_contents(root: str | os.PathLike, relpaths: list[str]) -> tuple[list[str], list[str]]:
+  """(kept, dropped): the first path (in the given order) of each distinct file content, and the others."""
+  first: dict[bytes, str] = {}
+  dropped = []
+  for rel in relpaths:
+    digest = hashlib.sha256((pathlib.Path(root) / rel).read_bytes()).digest()
+    if digest in first:
+      dropped.append(rel)
+    else:
+      first[digest] = rel
+  return list(first.values()), dropped
 
 
 def _unit_hash(relpath: str) -> float:
@@ -114,13 +148,16 @@ def stdlib_config(validation_fraction=DEFAULT_VALIDATION_FRACTION) -> LocalTextC
   """The config of the running Python's standard library corpus."""
   validation_fraction = _check_fraction(validation_fraction)
   major, minor = sys.version_info[:2]
+  root = sysconfig.get_paths()['stdlib']
+  manifest = manifest_digest(root, list_files(root, STDLIB_PATTERNS, STDLIB_EXCLUDED_DIRS))
   return LocalTextConfig(
-      name=f'py{major}_{minor}_{_fraction_tag(validation_fraction)}',
+      name=f'py{major}_{minor}_{manifest}_{_fraction_tag(validation_fraction)}',
       description=f'.py files of the Python {major}.{minor} standard library.',
-      root=sysconfig.get_paths()['stdlib'],
+      root=root,
       patterns=STDLIB_PATTERNS,
       exclude_dirs=STDLIB_EXCLUDED_DIRS,
       validation_fraction=validation_fraction,
+      manifest=manifest,
   )
 
 
@@ -138,12 +175,14 @@ def directory_config(path, patterns=DEFAULT_PATTERNS,
   root = pathlib.Path(path).expanduser().resolve()
   key = '\n'.join([str(root), *patterns]).encode('utf-8')
   digest = hashlib.sha256(key).hexdigest()[:12]
+  manifest = manifest_digest(root, list_files(root, patterns))
   return LocalTextConfig(
-      name=f'dir_{digest}_{_fraction_tag(validation_fraction)}',
+      name=f'dir_{digest}_{manifest}_{_fraction_tag(validation_fraction)}',
       description=f'Files {list(patterns)} under {root}.',
       root=str(root),
       patterns=patterns,
       validation_fraction=validation_fraction,
+      manifest=manifest,
   )
 
 
@@ -151,8 +190,11 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Text files of a local directory, one example per file."""
 
   name = 'local_text'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First version.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First version.',
+      '1.1.0': 'Files with the same bytes stored once (in one split); config names hold a manifest digest.',
+  }
 
   # tfds finds a builder's file through `importlib_resources`, which is not
   # installed with tensorflow-datasets; this file is the answer anyway.
@@ -170,13 +212,24 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             'path': tfds.features.Text(),
         }),
         disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Everything is local.
     cfg = self.builder_config
     files = _checked_files(cfg)
-    splits = assign_splits(files, cfg.validation_fraction)
+    if manifest_digest(cfg.root, files) != cfg.manifest:
+      raise RuntimeError(f'the files under {cfg.root} changed while {cfg.name} was being built; run again')
+    kept, dropped = unique_contents(cfg.root, files)
+    if len(kept) < 2:
+      raise ValueError(f'config.dataset.path={cfg.root!r}: its {len(files)} files hold {len(kept)} distinct '
+                       'content; the corpus needs at least 2 (train and validation are split by file).')
+    if dropped:
+      logging.info('%s: %d of %d files have the same bytes as another file; each content is stored once '
+                   '(dropped, e.g.: %s)', cfg.name, len(dropped), len(files), ', '.join(dropped[:5]))
+    self.info.metadata.update(files=len(files), duplicate_files_dropped=len(dropped))
+    splits = assign_splits(kept, cfg.validation_fraction)
     return {name: self._generate_examples(paths) for name, paths in splits.items()}
 
   def _generate_examples(self, relpaths):
@@ -184,6 +237,15 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for rel in relpaths:
       # Raw bytes: the stored text is exactly the file, whatever its encoding.
       yield rel, {'text': (root / rel).read_bytes(), 'path': rel}
+
+  # tfds prints "Downloading and preparing dataset Unknown size ..." to stdout: nothing is downloaded here.
+  def _log_download_bytes(self) -> None:
+    logging.info('building %s/%s from the files under %s (once; later runs read the build)',
+                 self.name, self.builder_config.name, self.builder_config.root)
+
+  def _log_download_done(self) -> None:
+    splits = ', '.join(f'{name} {split.num_examples}' for name, split in self.info.splits.items())
+    logging.info('built %s (documents: %s)', self.data_dir, splits)
 
 
 class PythonStdlib(LocalText, skip_registration=True):
@@ -256,13 +318,21 @@ def prepare(builder: LocalText) -> LocalText:
   """Builds the dataset if needed (once across processes) and returns a builder that reads it."""
   if builder.is_prepared():
     return builder
-  _checked_files(builder.builder_config)  # Fail before taking the lock.
-  lock = pathlib.Path(builder.data_path).parent.parent / f'.{builder.builder_config.name}.lock'
+  config = builder.builder_config
+  _checked_files(config)  # Fail before taking the lock.
+  builds = pathlib.Path(builder.data_path).parent.parent
+  lock = builds / f'.{config.name}.lock'
   with _file_lock(lock):
     # Another process may have finished while we waited: look again with a
     # fresh builder, which reads the dataset info from disk.
-    builder = _construct(type(builder), builder.builder_config, os.fspath(builder.data_dir_root))
+    builder = _construct(type(builder), config, os.fspath(builder.data_dir_root))
     if not builder.is_prepared():
+      same_files = config.name.replace(config.manifest, '*')
+      if earlier := sorted(p.name for p in builds.glob(same_files) if p.name != config.name):
+        logging.warning('the files under %s changed since the build %s (added, removed or edited); building a '
+                        'new snapshot %s (delete the old one under %s to free its space)',
+                        config.root, ', '.join(earlier), config.name, builds)
+      tfds.disable_progress_bar()  # its carriage returns garble saved logs; the build logs its own lines
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return builder

@@ -1,4 +1,7 @@
-"""The data interface of the trainer: training iterator, eval batches, unigram entropy.
+"""The data interface of the trainer: training iterator, eval batches, unigram
+entropy, and `describe` (what a run reads: the corpus, its build, documents
+and tokens per split, duplicates dropped, and the validation split's overlap
+with training), which train logs and evaluate writes into eval.json.
 
 Batches are `{'tokens': int32[B_local, L+1], 'positions': int32[B_local, L+1]}`
 (inputs `tokens[:, :-1]`, targets `tokens[:, 1:]`; positions restart at 0 at
@@ -113,9 +116,12 @@ class DataIterator:
     mine = self.get_state()
     for key in ('version', 'seed', 'seq_len', 'dataset'):
       if state.get(key) != mine[key]:
+        changed = (' The corpus changed since the checkpoint was written (adding, removing or editing a local '
+                   "corpus's files builds a new snapshot): restore the files, or start a new --workdir."
+                   if key == 'dataset' else '')
         raise ValueError(
             f'Data iterator state has {key}={state.get(key)!r} but this run has '
-            f'{key}={mine[key]!r}: it is not a state of this data stream.')
+            f'{key}={mine[key]!r}: it is not a state of this data stream.{changed}')
     self._start(int(state['next_row']))
 
 
@@ -143,10 +149,22 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
       identity=identity)
 
 
+class EvalBatches:
+  """What `make_eval_batches` returns: iterate once over the batches; len() is how many there are."""
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]], count: int):
+    self._batches, self._count = batches, count
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self._batches
+
+  def __len__(self) -> int:
+    return self._count
+
+
 def make_eval_batches(config, *, split: str = 'validation', num_batches: int | None = None,
                       batch_size: int | None = None, seq_len: int | None = None,
-                      process_index: int = 0, process_count: int = 1
-                      ) -> Iterator[dict[str, np.ndarray]]:
+                      process_index: int = 0, process_count: int = 1) -> EvalBatches:
   """Deterministic batches over `split` in stored order (epoch 0, no shuffling).
 
   Every token after the first of the split is a target exactly once; the last
@@ -191,7 +209,7 @@ def make_eval_batches(config, *, split: str = 'validation', num_batches: int | N
       got = [rows[r] if r < rows.rows_per_epoch else pad for r in range(first, first + local)]
       yield {key: np.stack([row[key] for row in got]) for key in got[0]}
 
-  return batches()
+  return EvalBatches(batches(), total)
 
 
 def corpus_unigram_entropy_bits(config, split: str = 'train') -> float | None:
@@ -200,3 +218,33 @@ def corpus_unigram_entropy_bits(config, split: str = 'train') -> float | None:
   if config.dataset.name in synthetic.TASKS + timeseries.DATASETS:
     return None
   return stats_lib.split_stats(sources.open_split(config.dataset, split)).unigram_entropy_bits()
+
+
+def describe(config) -> dict:
+  """The dataset of `config` as a run reads it (see the module docstring); JSON-serialisable."""
+  name = config.dataset.name
+  if name in synthetic.TASKS + timeseries.DATASETS:
+    return dict(name=name, generated=True)
+  splits = {split: sources.open_split(config.dataset, split) for split in ('train', 'validation')}
+  description = dict(name=name, build=splits['train'].identity.rsplit('/', 1)[0], **splits['train'].build)
+  for split, source in splits.items():
+    description[split] = dict(documents=len(source), tokens=stats_lib.split_stats(source).total_tokens)
+  description['overlap'] = stats_lib.overlap(splits['train'], splits['validation'])
+  return description
+
+
+def summarize(description: dict) -> str:
+  """`describe`'s dict as one line for the log."""
+  if description.get('generated'):
+    return f"{description['name']} (generated)"
+  text = f"{description['name']} ({description['build']}{', ' + description['path'] if 'path' in description else ''})"
+  text += ''.join(f"; {split} {description[split]['documents']:,} documents, {description[split]['tokens']:,} tokens"
+                  for split in ('train', 'validation'))
+  if 'files' in description:
+    text += f"; {description['duplicate_files_dropped']:,} of {description['files']:,} files dropped as copies"
+  overlap = description['overlap']
+  if 'skipped' in overlap:
+    return text + f"; overlap not measured: {overlap['skipped']}"
+  return text + (f"; validation vs train: {overlap['identical_to_train']} identical documents, "
+                 f"{overlap['lines_in_train']:,} of {overlap['validation_lines']:,} lines over "
+                 f"{overlap['line_min_chars']} bytes ({100 * overlap['line_overlap']:.1f}%) found verbatim in train")

@@ -30,6 +30,7 @@ class TextSource:
   text_feature: str
   identity: str  # e.g. 'python_stdlib/py3_11_val0500:1.0.0/train', for states and caches.
   cache_dir: str | None  # Where derived statistics may be cached (the dataset folder).
+  build: dict = dataclasses.field(default_factory=dict)  # A local build's root path, files, duplicates dropped.
 
   def __len__(self) -> int:
     return len(self.data_source)
@@ -95,5 +96,6 @@ def open_split(dataset_config, split: str) -> TextSource:
     return TextSource(
         builder.as_data_source(split=split), 'text',
         identity=f'{builder.name}/{builder.builder_config.name}:{builder.version}/{split}',
-        cache_dir=os.fspath(builder.data_path))
+        cache_dir=os.fspath(builder.data_path),
+        build=dict(builder.info.metadata or {}, path=builder.builder_config.root))
   return _open_catalog(name, split, data_dir, _get(dataset_config, 'text_feature', 'text') or 'text')

@@ -1,16 +1,25 @@
-"""Per-split statistics: document lengths in tokens and byte-token counts.
+"""Per-split statistics: document lengths in tokens and byte-token counts; and
+how much of the validation split the training split already holds.
 
 One pass over the split gives both; they are cached in the dataset's folder
 (`<dataset>/seqarch_stats/<split>.<feature>.npz`, written atomically) and in
 memory, so packing and the unigram entropy cost one pass per split ever. A
 read-only dataset folder just means no disk cache.
+
+`overlap` counts validation documents byte-identical to a training document
+and validation lines (stripped, over OVERLAP_MIN_LINE_CHARS bytes) found
+verbatim in training: what held-out numbers are worth. It is cached next to
+the split statistics (`overlap.<feature>.json`) and skipped for a training
+split over OVERLAP_MAX_TRAIN_BYTES.
 """
 import dataclasses
+import json
 import logging
 import os
 import re
 import tempfile
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -20,6 +29,8 @@ _VOCAB = ByteTokenizer.vocab_size
 _EOS = ByteTokenizer.eos_id
 _MEMO: dict[tuple[str, str, str], 'SplitStats'] = {}
 _MEMO_LOCK = threading.Lock()
+OVERLAP_MIN_LINE_CHARS = 20
+OVERLAP_MAX_TRAIN_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +87,23 @@ def _load(path: str, num_docs: int) -> SplitStats | None:
   return stats if ok else None
 
 
-def _save(path: str, stats: SplitStats) -> None:
+def _write_atomically(path: str, write) -> None:
+  """write(binary file) into a temporary file renamed to `path`; a read-only folder only logs a warning."""
   tmp = None
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
     with os.fdopen(fd, 'wb') as f:
-      np.savez(f, doc_lengths=stats.doc_lengths, token_counts=stats.token_counts)
+      write(f)
     os.replace(tmp, path)
   except OSError as e:  # A read-only dataset folder: keep the result in memory only.
     logging.warning('Could not cache split statistics at %s: %s', path, e)
     if tmp and os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _save(path: str, stats: SplitStats) -> None:
+  _write_atomically(path, lambda f: np.savez(f, doc_lengths=stats.doc_lengths, token_counts=stats.token_counts))
 
 
 def split_stats(source) -> SplitStats:
@@ -107,3 +123,47 @@ def split_stats(source) -> SplitStats:
   with _MEMO_LOCK:
     _MEMO[key] = stats
   return stats
+
+
+def _lines(doc: bytes) -> Iterator[bytes]:
+  return (line for line in (raw.strip() for raw in doc.split(b'\n')) if len(line) > OVERLAP_MIN_LINE_CHARS)
+
+
+def compute_overlap(train, validation) -> dict:
+  """One pass over each split (len() and [i] -> bytes); hashes stand for documents and lines."""
+  train_docs, train_lines = set(), set()
+  for i in range(len(train)):
+    doc = train[i]
+    train_docs.add(hash(doc))
+    train_lines.update(hash(line) for line in _lines(doc))
+  identical = lines = seen = 0
+  for i in range(len(validation)):
+    doc = validation[i]
+    identical += hash(doc) in train_docs
+    for line in _lines(doc):
+      lines += 1
+      seen += hash(line) in train_lines
+  return dict(validation_documents=len(validation), identical_to_train=identical,
+              validation_lines=lines, lines_in_train=seen, line_overlap=seen / lines if lines else 0.0,
+              line_min_chars=OVERLAP_MIN_LINE_CHARS)
+
+
+def overlap(train, validation) -> dict:
+  """`compute_overlap` of two `sources.TextSource`s, from the disk cache or one pass over each."""
+  if split_stats(train).total_tokens > OVERLAP_MAX_TRAIN_BYTES:
+    return dict(skipped=f'the training split is over {OVERLAP_MAX_TRAIN_BYTES >> 30} GiB')
+  path = None
+  if train.cache_dir:
+    name = re.sub(r'[^\w.+-]', '_', f'overlap.{train.text_feature}.json')
+    path = os.path.join(train.cache_dir, 'seqarch_stats', name)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except (OSError, ValueError):  # not computed yet (or unreadable): compute it
+      pass
+  logging.info('Comparing the validation split with the training split (%d and %d documents).',
+               len(validation), len(train))
+  result = compute_overlap(train, validation)
+  if path:
+    _write_atomically(path, lambda f: f.write(json.dumps(result).encode('utf-8')))
+  return result
