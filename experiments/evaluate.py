@@ -1,25 +1,33 @@
-"""Evaluates a trained checkpoint: python -m experiments.evaluate --config=... --workdir=DIR
+"""Evaluates a trained checkpoint: python -m experiments.evaluate --workdir=DIR [--step=S]
 
-Writes DIR/eval.json: loss (nats/token), perplexity, bits per byte on the
-held-out split, and the unigram entropy of the training corpus for scale.
+Uses the config DIR's run was started with (DIR/config.json). A --config
+(with overrides) may replace it, but one whose model or dataset differs from
+the recorded one is refused (--other_dataset lets the dataset differ).
+
+Writes DIR/eval_<step>.json and, unless it holds a newer step, DIR/eval.json:
+the checkpoint step, the dataset (name, path, build, documents, overlap of the
+validation split with training), loss (nats/token), perplexity, bits per byte
+on the held-out split, loss by position, longer rows, task scores, and the
+unigram entropy of the training corpus for scale. Logs its progress.
 """
-import json
-import os
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import distributed_flags
 
-from trainers.evaluator import evaluate_checkpoint
+from trainers.evaluator import evaluate_checkpoint, write_results
 from trainers.logs import quiet_library_logs
+from trainers.run_config import config_for
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, "Experiment config file[:size] (default: the workdir's).",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory the model was trained in.', required=True)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step to evaluate (default: the latest).')
 _SPLIT = flags.DEFINE_string('split', 'validation', 'Dataset split.')
 _NUM_BATCHES = flags.DEFINE_integer('num_batches', None, 'Batches to evaluate (default: the whole split).')
+_OTHER_DATASET = flags.DEFINE_bool('other_dataset', False, "Evaluate on --config's dataset where it differs from "
+                                   'the one the workdir was trained on.')
 
 
 def main(argv):
@@ -27,15 +35,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
   distributed_flags.maybe_initialize()
-  results = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, step=_STEP.value, split=_SPLIT.value,
-                                num_batches=_NUM_BATCHES.value)
+  config = config_for(_WORKDIR.value, _CONFIG.value, check_dataset=not _OTHER_DATASET.value,
+                      data_flag='--other_dataset')
+  results = evaluate_checkpoint(config, _WORKDIR.value, step=_STEP.value, split=_SPLIT.value,
+                                num_batches=_NUM_BATCHES.value, progress=True)
   if jax.process_index() == 0:
-    path = os.path.join(_WORKDIR.value, 'eval.json')
-    with open(path, 'w') as f:
-      json.dump(results, f, indent=2)
-    logging.info('wrote %s: %s', path, results)
+    paths = write_results(_WORKDIR.value, results)
+    logging.info('wrote %s: loss %.4f, %s', ' and '.join(paths), results['loss'],
+                 ', '.join(f'{k} {results[k]:.4f}' for k in ('bits_per_byte', 'mae') if k in results))
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('config')
-  app.run(main)
+  distributed_flags.run(main)

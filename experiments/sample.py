@@ -1,10 +1,12 @@
 """Generates text from a trained checkpoint with the model's decode cache.
 
-  python -m experiments.sample --config=experiments/configs/transformer.py:tiny --workdir=DIR \\
+  python -m experiments.sample --workdir=DIR \\
       --prompt='def main(' --prompt='import ' --max_new_tokens=200 --temperature=0.8 --top_p=0.95
 
-Prompts of different lengths are generated together (left-padded); each stops
-at the end-of-document token or after --max_new_tokens. Prints the text.
+Uses the config DIR's run was started with (DIR/config.json); a --config whose
+model differs from it is refused. Prompts of different lengths are generated
+together (left-padded); each stops at the end-of-document token or after
+--max_new_tokens. Prints the text.
 """
 import jax
 from absl import app, flags
@@ -15,10 +17,12 @@ from experiments import distributed_flags
 from trainers.checkpoints import Checkpointer
 from trainers.experiment import Experiment
 from trainers.logs import quiet_library_logs
+from trainers.run_config import config_for
 from trainers.sampling import generate
 from trainers.tokenizer import ByteTokenizer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file('config', None, "Experiment config file[:size] (default: the workdir's).",
+                                          lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory the model was trained in.', required=True)
 _PROMPTS = flags.DEFINE_multi_string('prompt', ['def '], 'Prompt text (repeat the flag for a batch).')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most.')
@@ -34,7 +38,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
   distributed_flags.maybe_initialize()
-  config = _CONFIG.value
+  config = config_for(_WORKDIR.value, _CONFIG.value, check_dataset=False)
   exp = Experiment.build(config)
   checkpointer = Checkpointer(f'{_WORKDIR.value}/checkpoints', save_every=1, keep=1 << 30)
   with exp.activate():
@@ -57,5 +61,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('config')
-  app.run(main)
+  distributed_flags.run(main)

@@ -1,4 +1,6 @@
-"""The evaluator against a hand computation on a fixed tiny model."""
+"""The evaluator against a hand computation on a fixed tiny model; evaluation files never replace a newer
+step's."""
+import json
 import math
 
 import jax
@@ -47,3 +49,15 @@ def test_bits_per_byte_and_loss_by_position_by_hand(data_dir):
       (2 ** b, len(v)) for b, v in sorted(by_context.items())]
   for row, (b, losses) in zip(results['loss_by_position'], sorted(by_context.items())):
     assert row['loss'] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_an_older_step_never_replaces_a_newer_eval(tmp_path):
+  """Issue 30.4: evaluating an older checkpoint overwrote eval.json; now each step has its file and eval.json
+  is the newest step's."""
+  from trainers.evaluator import write_results
+  newer, older = dict(split='validation', step=4, loss=1.0), dict(split='validation', step=2, loss=2.0)
+  assert write_results(str(tmp_path), newer) == [str(tmp_path / 'eval_4.json'), str(tmp_path / 'eval.json')]
+  assert write_results(str(tmp_path), older) == [str(tmp_path / 'eval_2.json')]
+  assert write_results(str(tmp_path), dict(newer, split='train')) == [str(tmp_path / 'eval_train_4.json')]
+  read = lambda name: json.loads((tmp_path / name).read_text())
+  assert read('eval.json') == read('eval_4.json') == newer and read('eval_2.json') == older

@@ -1,8 +1,9 @@
 """Faults injected into training: SIGKILL at random points (one during a
 checkpoint write), SIGTERM, truncated and edited checkpoints, NaN/Inf, a
-workdir of another model. Each ends where a careful user wants it to: a
-resumed run equals an uninterrupted one bitwise on CPU (same compiled
-program on the same inputs), and nothing good is ever overwritten."""
+workdir of another model, an unknown config field, bad data. Each ends where a
+careful user wants it to: a resumed run equals an uninterrupted one bitwise on
+CPU (same compiled program on the same inputs), nothing good is ever
+overwritten, and a mistake is named in one line."""
 import json
 import os
 import shutil
@@ -17,9 +18,10 @@ import pytest
 
 from trainers.checkpoints import Checkpointer, CorruptCheckpointError, StateMismatchError
 from trainers.experiment import Experiment
-from trainers.run_config import WorkdirMismatchError, record_or_check
+from trainers.logs import has_accelerator
+from trainers.run_config import EarlierRunError, WorkdirMismatchError, record_or_check
 from trainers.train_loop import NonFiniteError, train
-from tests.helpers import tiny_experiment
+from tests.helpers import family_tiny_config, tiny_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS, CHECKPOINT_EVERY = 40, 5
@@ -178,17 +180,41 @@ def test_corrupt_latest_checkpoint_falls_back(straight, tmp_path, data_dir, how,
   assert f'checkpoint of step {latest}' in caplog.text and 'unusable' in caplog.text
 
 
-@pytest.mark.fault('every checkpoint of a workdir corrupted',
-                   'refuses to start (CorruptCheckpointError naming the directory); never starts from scratch over it')
+@pytest.mark.fault('every checkpoint of a workdir corrupted; then the same command again, then with --restart',
+                   'refuses to start (CorruptCheckpointError naming the directory), and again on the next start '
+                   '(EarlierRunError naming --restart) with metrics.jsonl untouched; --restart moves the earlier run '
+                   'to earlier_runs/1/ and trains a new model')
 def test_no_usable_checkpoint_refuses_to_start_over(straight, tmp_path, data_dir):
   workdir = tmp_path / 'run'
   shutil.copytree(straight, workdir)
+  history = (workdir / 'metrics.jsonl').read_text()
   for step_dir in (workdir / 'checkpoints').iterdir():
     for f in (step_dir / 'state').rglob('*'):
       if f.is_file():
         f.write_bytes(b'')
   with pytest.raises(CorruptCheckpointError, match='refusing to start from scratch'):
     final_state(workdir, data_dir)
+  # Issue 30.1: the next start found only `<step>.corrupt` folders and started a new model over the history.
+  with pytest.raises(EarlierRunError, match=r'set aside as corrupt .*metrics\.jsonl has 40 records.* --restart'):
+    train(tiny_experiment(data_dir, **{'model.dim': 32, 'model.mlp_dim': 64}), str(workdir))
+  assert (workdir / 'metrics.jsonl').read_text() == history
+  restart = [arg for arg in command(workdir, data_dir, 'packed') if 'total_steps' not in arg]
+  process = subprocess.run([*restart, '--config.total_steps=2', '--restart'], cwd=REPO, capture_output=True,
+                           text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+  assert process.returncode == 0, process.stderr[-3000:]
+  assert (workdir / 'earlier_runs' / '1' / 'metrics.jsonl').read_text() == history
+  assert list((workdir / 'earlier_runs' / '1' / 'checkpoints').glob('*.corrupt'))
+  assert logged_steps(workdir) == [1, 2]
+
+
+@pytest.mark.fault('a workdir whose metrics.jsonl has records but no checkpoint (a run killed before its first save)',
+                   'the new start moves that history to earlier_runs/1/ with a warning; never truncates it')
+def test_metrics_without_a_checkpoint_are_kept(tmp_path):
+  from trainers import run_config
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n')
+  run_config.before_fresh_start(str(tmp_path), corrupt=[])
+  assert not (tmp_path / 'metrics.jsonl').exists()
+  assert logged_steps(tmp_path / 'earlier_runs' / '1') == [1, 2]
 
 
 @pytest.mark.fault('NaN/Inf in the loss and gradients (learning rate 1e30)',
@@ -220,14 +246,52 @@ def test_checkpoint_of_another_layout_is_not_called_corrupt(straight, tmp_path, 
   assert not list((workdir / 'checkpoints').glob('*.corrupt*'))
 
 
-@pytest.mark.fault('resuming a workdir with a different model config',
-                   'refuses before compiling and names each differing config.model field')
+@pytest.mark.fault('resuming a workdir with a different model config, or of another family',
+                   'refuses before compiling and names each differing config.model field; for another family the '
+                   "error's first line names both families")
 def test_workdir_of_another_model_is_refused(tmp_path, data_dir):
   record_or_check(tiny_experiment(data_dir), str(tmp_path))
   changed = tiny_experiment(data_dir, **{'model.dim': 64, 'model.attention_impl': 'xla'})
   with pytest.raises(WorkdirMismatchError, match=r'config\.model\.dim: 32 in the workdir, 64 now\.') as error:
     train(changed, str(tmp_path))
   assert 'attention_impl' not in str(error.value)  # a runtime field may change on resume
+  record_or_check(family_tiny_config('griffin', data_dir), str(tmp_path / 'griffin'))
+  with pytest.raises(WorkdirMismatchError) as error:
+    train(tiny_experiment(data_dir), str(tmp_path / 'griffin'))
+  first_line = str(error.value).splitlines()[0]
+  assert "'griffin'" in first_line and "'transformer'" in first_line and len(first_line) < 200
+
+
+@pytest.mark.fault('a config override of a field that does not exist (--config.model.foo=1)',
+                   'exits 1 before anything starts, with one line: unknown field config.model.foo and the known '
+                   'fields of config.model')
+def test_unknown_config_field_is_one_line(tmp_path):
+  process = subprocess.run([sys.executable, '-m', 'experiments.train', f'--workdir={tmp_path / "run"}',
+                            '--config=experiments/configs/transformer.py:tiny', '--config.model.foo=1'],
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert process.returncode == 1
+  assert process.stderr.strip().splitlines() == [
+      'FATAL Flags parsing error: unknown field config.model.foo; known: attention_impl, dim, dtype, head_dim, '
+      'input_features, logits_soft_cap, mlp_activation, mlp_dim, name, norm_eps, num_heads, num_kv_heads, '
+      'num_layers, param_dtype, remat, rope_base, rope_fraction, rope_style, scan_layers, tie_embeddings, '
+      'vocab_size, window']
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.fault('a run on a data directory that does not exist, started as a newcomer does (JAX_PLATFORMS unset, '
+                   'the libtpu wheel installed, no TPU)',
+                   'fails naming config.dataset.path; removes the workdir it created; no libtpu "unexpected worker '
+                   'hostname" lines')
+def test_failed_start_leaves_no_workdir_and_no_tpu_noise(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  process = subprocess.run([*command(workdir, data_dir, 'packed'), '--config.dataset.name=local_text',
+                            f'--config.dataset.path={tmp_path / "no_such_dir"}'], cwd=REPO, capture_output=True,
+                           text=True, env=env, timeout=120)
+  assert process.returncode != 0 and 'config.dataset.path=' in process.stderr
+  assert not workdir.exists(), sorted(p.name for p in workdir.rglob('*'))
+  if not has_accelerator():
+    assert 'unexpected worker hostname' not in process.stderr
 
 
 @pytest.mark.fault('a metrics.jsonl whose last line was cut by a kill',

@@ -2,7 +2,8 @@
 run resumes bitwise (same data, same parameters), gradient accumulation equals
 one big batch, the step on the state's flat leaves equals the step on the
 TrainState, finiteness is flagged per leaf, evaluation writes loss and bits
-per byte, the binaries run."""
+per byte, the binaries run (evaluate and sample on the workdir's recorded
+config, with readable logs)."""
 import json
 import math
 import os
@@ -45,9 +46,9 @@ def straight_run(data_dir, tmp_path_factory):
 def test_loss_falls_and_metrics_are_logged(straight_run):
   _, workdir = straight_run
   records = read_metrics(workdir)
-  assert [r['step'] for r in records] == [5, 10, 15, 20, 25, 30]
-  assert {'loss', 'learning_rate', 'tokens_per_s', 'grad_norm', 'eval_loss', 'eval_bits_per_byte'} <= set(records[1])
-  assert records[-1]['loss'] < records[0]['loss'] - 0.5
+  assert [r['step'] for r in records] == [1, 5, 10, 15, 20, 25, 30]  # step 1: the loss at the start
+  assert {'loss', 'learning_rate', 'tokens_per_s', 'grad_norm', 'eval_loss', 'eval_bits_per_byte'} <= set(records[2])
+  assert records[-1]['loss'] < records[1]['loss'] - 0.5
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '30'))
 
 
@@ -114,16 +115,44 @@ def test_evaluate_checkpoint_reports_bits_per_byte(straight_run):
   assert 3.0 < results['unigram_entropy_bits'] < 8.0
 
 
-def test_train_and_evaluate_binaries(data_dir, tmp_path):
-  flags = ['--config=experiments/configs/sliding.py:tiny', f'--workdir={tmp_path}', '--config.total_steps=4',
-           '--config.log_every=2', '--config.eval_batches=1', '--config.model.dim=32', '--config.model.mlp_dim=64',
-           '--config.seq_len=64', '--config.batch_size=8', f'--config.dataset.data_dir={data_dir}',
-           '--config.profile_steps=(2,)']
-  for binary in ('experiments.train', 'experiments.evaluate'):
-    extra = ['--num_batches=1'] if binary == 'experiments.evaluate' else []
-    subprocess.run([sys.executable, '-m', binary, *flags, *extra], cwd=REPO, check=True, timeout=300,
-                   env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert [r['step'] for r in read_metrics(tmp_path)] == [2, 4]
-  assert list(tmp_path.glob('profile/**/*.xplane.pb'))  # the trace of step 2
-  with open(tmp_path / 'eval.json') as f:
-    assert {'loss', 'bits_per_byte', 'perplexity', 'step'} <= set(json.load(f))
+def run_binary(binary: str, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+  process = subprocess.run([sys.executable, '-m', f'experiments.{binary}', *flags], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert not check or process.returncode == 0, process.stderr[-3000:]
+  return process
+
+
+def test_train_evaluate_and_sample_binaries(data_dir, tmp_path):
+  """Issue 30.4 and 30.6: evaluate and sample take the workdir's recorded config (a --config with another
+  dataset is refused), eval.json names the dataset and the step, evaluate logs its progress, the first loss
+  logged is step 1's, and a build leaves no progress bars in the saved log."""
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(8):
+    (corpus / f'doc{i}.txt').write_text(f'Document {i}: ' + ' '.join(f'word{(i * j) % 97}' for j in range(300)))
+  workdir = tmp_path / 'run'
+  flags = [f'--workdir={workdir}', '--config.total_steps=4', '--config.log_every=2', '--config.eval_batches=1',
+           '--config.model.dim=32', '--config.model.mlp_dim=64', '--config.seq_len=64', '--config.batch_size=8',
+           f'--config.dataset.data_dir={data_dir}', '--config.profile_steps=(2,)', '--config.eval_extrapolation=(2,)',
+           '--config.eval_tasks=("mqar",)', '--config.dataset.name=local_text', f'--config.dataset.path={corpus}',
+           '--config.dataset.validation_fraction=0.3']
+  trained = run_binary('train', '--config=experiments/configs/sliding.py:tiny', *flags)
+  assert [r['step'] for r in read_metrics(workdir)] == [1, 2, 4]
+  assert list(workdir.glob('profile/**/*.xplane.pb'))  # the trace of step 2
+  assert '\r' not in trained.stderr and 'it/s' not in trained.stderr and 'examples/s' not in trained.stderr
+  evaluated = run_binary('evaluate', f'--workdir={workdir}', '--num_batches=1')
+  assert 'evaluating the checkpoint of step 4 on the validation split of local_text' in evaluated.stderr
+  assert 'validation split: 1 batches in' in evaluated.stderr
+  with open(workdir / 'eval.json') as f:
+    results = json.load(f)
+  assert {'loss', 'bits_per_byte', 'perplexity', 'extrapolation', 'tasks'} <= set(results)
+  assert results['step'] == 4
+  assert (results['dataset']['name'], results['dataset']['path']) == ('local_text', str(corpus))
+  assert (workdir / 'eval_4.json').read_text() == (workdir / 'eval.json').read_text()
+  refused = run_binary('evaluate', '--config=experiments/configs/sliding.py:tiny', f'--workdir={workdir}',
+                       '--config.model.dim=32', '--config.model.mlp_dim=64', check=False)  # the data flags left out
+  assert refused.returncode != 0
+  assert "config.dataset.name: 'local_text' in the workdir, 'python_stdlib' now" in refused.stderr
+  assert '--other_dataset' in refused.stderr
+  sampled = run_binary('sample', f'--workdir={workdir}', '--prompt=Document', '--max_new_tokens=4', '--temperature=0')
+  assert sampled.stdout.startswith("--- 'Document'\nDocument")

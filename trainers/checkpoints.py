@@ -11,11 +11,13 @@ Restoring walks back from the newest step: a checkpoint that fails to load
 (truncated, missing files) or whose arrays do not match their checksums
 (edited) is reported by step, renamed to `<step>.corrupt` and skipped. If
 checkpoints exist but none is usable, restoring raises rather than silently
-starting from scratch over existing work. A checkpoint that is intact but of
-another state layout (a changed model or optimizer config) is not corruption:
-it raises StateMismatchError and nothing is renamed.
+starting from scratch over existing work (and `set_aside()` lists them for the
+next start, which refuses too: trainers/run_config.py). A checkpoint that is
+intact but of another state layout (a changed model or optimizer config) is
+not corruption: it raises StateMismatchError and nothing is renamed.
 """
 import os
+import re
 from typing import Any
 
 import jax
@@ -131,8 +133,13 @@ class Checkpointer:
     if failures:
       raise CorruptCheckpointError(
           f'no usable checkpoint in {self.directory}; refusing to start from scratch over existing work. '
-          f'Failures: {failures}. Move the directory away to start a new run.')
+          f'Failures: {failures}. To train a new model here, pass --restart to experiments.train (the earlier '
+          'run is kept under earlier_runs/), or use another --workdir.')
     return None
+
+  def set_aside(self) -> list[str]:
+    """The step folders that restores set aside as corrupt (`<step>.corrupt`, `<step>.corrupt2`, ...)."""
+    return sorted(n for n in os.listdir(self.directory) if re.fullmatch(r'\d+\.corrupt\d*', n))
 
   def _quarantine(self, step: int) -> str:
     """Renames a bad step folder out of orbax's view (keeping it for inspection)."""

@@ -2,7 +2,8 @@
 
 Every error names the config field at fault (e.g. `config.model.num_heads`,
 `config.mesh`, `config.batch_size`), so a wrong config costs seconds, not a
-compile.
+compile. `unknown_field` names an override of a field the config does not
+have (the binaries' flag parser reports it in one line).
 """
 import jax
 from ml_collections import ConfigDict
@@ -19,6 +20,19 @@ REQUIRED_FIELDS = ('model', 'dataset', 'seq_len', 'batch_size', 'total_steps', '
 def _positive(config: ConfigDict, field: str) -> None:
   if config[field] <= 0:
     raise ValueError(f'config.{field}={config[field]!r}: must be positive')
+
+
+def unknown_field(config: ConfigDict, dotted: str) -> str | None:
+  """'unknown field config.<dotted>; known: ...' if `config` has no such (nested) field, else None."""
+  node, parts = config, dotted.split('.')
+  for i, key in enumerate(parts):
+    path = '.'.join(['config', *parts[:i + 1]])
+    if not isinstance(node, ConfigDict):
+      return f'{path.rsplit(".", 1)[0]} is a value, not a group of fields: config.{dotted} does not exist'
+    if key not in node:
+      return f'unknown field {path}; known: {", ".join(sorted(node.keys()))}'
+    node = node[key]
+  return None
 
 
 def validate(config: ConfigDict, num_devices: int | None = None) -> architectures.base.ModelConfig:
@@ -64,7 +78,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> architecture
     split *= shape[axis]
   micro = config.get('grad_accum_steps', 1)
   if micro <= 0 or config.batch_size % micro:
-    raise ValueError(f'config.grad_accum_steps={micro} must be positive and divide config.batch_size={config.batch_size}')
+    raise ValueError(f'config.grad_accum_steps={micro} must be positive and divide '
+                     f'config.batch_size={config.batch_size}')
   if (config.batch_size // micro) % split:
     raise ValueError(f'config.batch_size={config.batch_size} (per micro-batch {config.batch_size // micro}) is not '
                      f'divisible by the {split} devices of the batch mesh axes {batch_axes}')

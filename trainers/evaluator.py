@@ -6,14 +6,23 @@ bits/byte = (summed nats over all counted targets) / ln 2 / (number of byte
 targets); end-of-document predictions count in the loss but are not bytes.
 Loss by position groups targets by how many tokens of their document precede
 them in the row (the context the model sees) into buckets [1], [2, 4), [4, 8),
-...; the long-context benefit of recurrent models shows in the late buckets. Extrapolation evaluates rows k times longer than
-the training rows. On a synthetic task split, accuracy is the fraction of
-answer tokens the model's argmax predicts exactly.
+...; the long-context benefit of recurrent models shows in the late buckets.
+Extrapolation evaluates rows k times longer than the training rows. On a
+synthetic task split, accuracy is the fraction of answer tokens the model's
+argmax predicts exactly.
+
+`evaluate_checkpoint` logs each part as it starts and its batches every
+PROGRESS_SECONDS; `write_results` keeps one file per checkpoint step and
+points eval.json at the newest step only.
 """
+import json
 import math
 import os
+import time
+from collections.abc import Callable
 
 import jax
+from absl import logging
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -21,28 +30,39 @@ from trainers import data, steps
 from trainers.checkpoints import Checkpointer
 from trainers.experiment import Experiment
 
+PROGRESS_SECONDS = 10.0
+
 
 class Evaluator:
-  """Jits the eval step once; call it with the params to evaluate."""
+  """Jits the eval step once (or shares `eval_step`, the jitted eval step of another Evaluator of the same
+  experiment: shapes seen before then do not compile again); call it with the params to evaluate. With
+  `progress` (a label) it logs the batches done every PROGRESS_SECONDS and the time taken."""
 
   def __init__(self, config: ConfigDict, graphdef: nnx.GraphDef, batch_sharding: jax.sharding.NamedSharding,
-               *, split: str = 'validation', num_batches: int | None = None, seq_len: int | None = None):
+               *, split: str = 'validation', num_batches: int | None = None, seq_len: int | None = None,
+               progress: str = '', eval_step: Callable | None = None):
     self.config = config
     self.split = split
     self.num_batches = num_batches
     self.seq_len = seq_len or config.seq_len
     self.batch_sharding = batch_sharding
-    self._step = jax.jit(steps.make_eval_step(graphdef))
+    self.progress = progress
+    self.eval_step = eval_step or jax.jit(steps.make_eval_step(graphdef))
 
   def __call__(self, params: nnx.State) -> dict:
     totals = None
     batches = data.make_eval_batches(self.config, split=self.split, num_batches=self.num_batches,
                                      seq_len=self.seq_len, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-    for batch in batches:
+    start = last_log = time.perf_counter()
+    for done, batch in enumerate(batches, 1):
       device_batch = {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
-      sums = self._step(params, device_batch)  # summed on device: one host transfer at the end
+      sums = self.eval_step(params, device_batch)  # summed on device: one host transfer at the end
       totals = sums if totals is None else jax.tree.map(jax.numpy.add, totals, sums)
+      if self.progress and time.perf_counter() - last_log > PROGRESS_SECONDS:
+        jax.block_until_ready(totals)
+        last_log = time.perf_counter()
+        logging.info('%s: batch %d of %d (%.0f s)', self.progress, done, len(batches), last_log - start)
     if totals is None:
       raise ValueError(f'the {self.split!r} split yielded no evaluation batches')
     totals = jax.device_get(totals)
@@ -59,6 +79,8 @@ class Evaluator:
                                      if c > 0])
     if 'answer_count' in totals:
       results['accuracy'] = float(totals['answer_correct']) / max(float(totals['answer_count']), 1.0)
+    if self.progress:
+      logging.info('%s: %d batches in %.0f s', self.progress, len(batches), time.perf_counter() - start)
     return results
 
   def scalars(self, params: nnx.State) -> dict:
@@ -70,7 +92,8 @@ PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PASSKEY_MIN_LENGTH = 128  # the needle and the question take ~100 bytes
 
 
-def task_scores(config: ConfigDict, exp: Experiment, params: nnx.State) -> dict:
+def task_scores(config: ConfigDict, exp: Experiment, params: nnx.State, *, progress: bool = False,
+                eval_step: Callable | None = None) -> dict:
   """Argmax accuracy on the answer tokens of each task in config.eval_tasks (passkey: per
   length and depth), whatever data the model was trained on."""
   scores = {}
@@ -86,8 +109,12 @@ def task_scores(config: ConfigDict, exp: Experiment, params: nnx.State) -> dict:
     for seq_len, depth in grid:
       task_config = ConfigDict(config.to_dict())
       task_config.dataset.update(name=task, depth=depth)
-      accuracy = Evaluator(task_config, exp.graphdef, exp.batch_sharding, seq_len=seq_len,
-                           num_batches=config.get('eval_batches', None))(params)['accuracy']
+      label = f'task {task}' + (f' (length {seq_len}, depth {depth})' if task == 'passkey' else '')
+      evaluator = Evaluator(task_config, exp.graphdef, exp.batch_sharding, seq_len=seq_len,
+                            num_batches=config.get('eval_batches', None), progress=label if progress else '',
+                            eval_step=eval_step)
+      eval_step = evaluator.eval_step  # the passkey depths share their lengths' compiles
+      accuracy = evaluator(params)['accuracy']
       if task == 'passkey':
         scores.setdefault(task, {})[f'length{seq_len}_depth{depth}'] = accuracy
       else:
@@ -96,8 +123,8 @@ def task_scores(config: ConfigDict, exp: Experiment, params: nnx.State) -> dict:
 
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str, *, step: int | None = None,
-                        split: str = 'validation', num_batches: int | None = None) -> dict:
-  """Restores a checkpoint of `workdir` (the latest by default) and evaluates it."""
+                        split: str = 'validation', num_batches: int | None = None, progress: bool = False) -> dict:
+  """Restores a checkpoint of `workdir` (the latest by default) and evaluates it; `progress` logs as it goes."""
   exp = Experiment.build(config)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=1 << 30)
   with exp.activate():
@@ -108,13 +135,43 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, *, step: int | None = 
       step, state, _ = restored
     else:
       state, _ = checkpointer.restore(step, exp.restore_target())
-    results = Evaluator(config, exp.graphdef, exp.batch_sharding, split=split, num_batches=num_batches)(state.params)
+    dataset = data.describe(config)
+    if progress:
+      logging.info('evaluating the checkpoint of step %d on the %s split of %s', step, split, data.summarize(dataset))
+    label = lambda what: what if progress else ''
+    evaluator = Evaluator(config, exp.graphdef, exp.batch_sharding, split=split, num_batches=num_batches,
+                          progress=label(f'{split} split'))
+    results = evaluator(state.params)
     extrapolation = {}
     for factor in config.get('eval_extrapolation', ()):
-      evaluator = Evaluator(config, exp.graphdef, exp.batch_sharding, split=split, seq_len=factor * config.seq_len,
-                            num_batches=config.get('eval_batches', None))
-      extrapolation[f'{factor}x'] = dict(seq_len=factor * config.seq_len, **evaluator(state.params))
-    tasks = task_scores(config, exp, state.params)
+      longer = Evaluator(config, exp.graphdef, exp.batch_sharding, split=split, seq_len=factor * config.seq_len,
+                         num_batches=config.get('eval_batches', None), eval_step=evaluator.eval_step,
+                         progress=label(f'{factor}x longer rows ({factor * config.seq_len} tokens)'))
+      extrapolation[f'{factor}x'] = dict(seq_len=factor * config.seq_len, **longer(state.params))
+    tasks = task_scores(config, exp, state.params, progress=progress, eval_step=evaluator.eval_step)
   checkpointer.close()
-  return dict(step=step, split=split, seq_len=config.seq_len, **results, extrapolation=extrapolation, tasks=tasks,
-              unigram_entropy_bits=data.corpus_unigram_entropy_bits(config))
+  return dict(step=step, split=split, seq_len=config.seq_len, dataset=dataset, **results,
+              extrapolation=extrapolation, tasks=tasks, unigram_entropy_bits=data.corpus_unigram_entropy_bits(config))
+
+
+def write_results(workdir: str, results: dict) -> list[str]:
+  """Writes `eval_<step>.json` (`eval_<split>_<step>.json` off the validation split), and `eval.json` too unless
+  that holds a newer step: an older checkpoint's evaluation never replaces a newer one. Returns the paths."""
+  split, step = results['split'], results['step']
+  paths = [os.path.join(workdir, f'eval_{step}.json' if split == 'validation' else f'eval_{split}_{step}.json')]
+  latest = os.path.join(workdir, 'eval.json')
+  try:
+    with open(latest) as f:
+      latest_step = json.load(f).get('step', -1)
+  except (OSError, ValueError, AttributeError):  # none yet, or unreadable
+    latest_step = -1
+  if split == 'validation' and step >= latest_step:
+    paths.append(latest)
+  elif split == 'validation':
+    logging.warning('%s holds the evaluation of a newer step (%d): kept; this one (step %d) is in %s',
+                    latest, latest_step, step, paths[0])
+  for path in paths:
+    with open(path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=2)
+    os.replace(path + '.tmp', path)
+  return paths

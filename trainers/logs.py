@@ -1,8 +1,12 @@
-"""Keeps the binaries' logs readable: this project's INFO lines, and only
-warnings and errors from libraries (orbax and tfds log every save and read)."""
+"""Keeps the binaries' logs readable: this project's INFO lines, only warnings
+and errors from libraries (orbax and tfds log every save and read), no tfds
+progress bars (their carriage returns garble saved logs), and no TPU probe on a
+machine without accelerators (below)."""
+import glob
 import logging as py_logging
 import os
 
+import jax
 from absl import logging
 
 _PROJECT_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d) + os.sep
@@ -14,5 +18,29 @@ def _keep(record: py_logging.LogRecord) -> bool:
       record.levelno >= py_logging.WARNING and 'tensorflow_datasets' not in record.pathname)
 
 
+def has_accelerator() -> bool:
+  """A TPU chip (on the PCI bus, or an /dev/accel* device), an NVIDIA GPU or an AMD GPU, by jax's own probes."""
+  try:
+    from jax._src import hardware_utils  # the probes jax runs itself; no public API has them before a backend starts
+    return bool(hardware_utils.num_available_tpu_chips_and_device_id()[0] or glob.glob('/dev/accel*')
+                or hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1))
+  except (ImportError, AttributeError, OSError):  # another jax: assume there may be one
+    return True
+
+
+def skip_tpu_probe_without_accelerators() -> None:
+  """Without JAX_PLATFORMS, jax starts every backend it has a plugin for: with the libtpu wheel installed (the
+  test extra has it) that includes the TPU one, and libtpu, finding no TPU, prints "INVALID_ARGUMENT: unexpected
+  worker hostname" lines before giving up quietly. On a machine with no accelerator at all this picks the CPU
+  platform up front; anywhere else, or when the user chose platforms, it changes nothing. Call it before the
+  first use of a device."""
+  if not jax.config.jax_platforms and not has_accelerator():
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def quiet_library_logs() -> None:
+  """Everything this module's docstring lists; call it first in a binary's main."""
   logging.get_absl_handler().addFilter(_keep)
+  skip_tpu_probe_without_accelerators()
+  import tensorflow_datasets as tfds  # the binaries load it anyway (the data pipeline)
+  tfds.disable_progress_bar()

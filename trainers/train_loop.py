@@ -54,10 +54,12 @@ class NonFiniteError(FloatingPointError):
   """A loss or gradient was NaN/Inf and config.on_nonfinite is 'stop'."""
 
 
-def _restore_or_init(exp: Experiment, checkpointer: Checkpointer, iterator) -> train_state.TrainState:
-  """The last usable checkpoint's state (and data position), or a new model if there is none."""
+def _restore_or_init(exp: Experiment, checkpointer: Checkpointer, iterator, workdir: str) -> train_state.TrainState:
+  """The last usable checkpoint's state (and data position), or a new model if there is none (and no earlier
+  run's history would be started over; see run_config.before_fresh_start)."""
   restored = checkpointer.restore_latest(exp.restore_target())
   if restored is None:
+    run_config.before_fresh_start(workdir, checkpointer.set_aside())
     logging.info('initialised a new model')
     return exp.new_state()
   step, state, data_state = restored
@@ -75,27 +77,45 @@ def _check_finite(state: train_state.TrainState, leaf_names: list[str], checkpoi
         f'step {checkpointer.latest_step()}). Set config.on_nonfinite="skip" to drop such steps instead.')
 
 
-def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict:
+def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None, restart: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its last checkpoint; returns the last logged metrics.
 
   `stop_at` ends this call early at that step with a checkpoint (the schedule
   still runs to config.total_steps); a later call continues from there.
+  `restart` starts a new run, moving the workdir's earlier run (if any) to
+  `earlier_runs/<k>/` (see trainers/run_config.py). A workdir this call
+  created is removed again if it fails before writing a checkpoint or a metric.
   """
+  created = not os.path.exists(workdir)
+  try:
+    return _train(config, workdir, stop_at, restart)
+  except BaseException:
+    if created:
+      run_config.remove_if_unused(workdir)
+    raise
+
+
+def _train(config: ConfigDict, workdir: str, stop_at: int | None, restart: bool) -> dict:
   exp = Experiment.build(config)
+  if restart:
+    run_config.set_aside_earlier_run(workdir)
   run_config.record_or_check(config, workdir)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
                               keep=config.get('keep_checkpoints', 3))
-  iterator = data.make_train_iterator(config, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  iterator = writer = None
   try:
+    iterator = data.make_train_iterator(config, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+    if jax.process_index() == 0:
+      logging.info('data: %s', data.summarize(data.describe(config)))
     with exp.activate():
-      state = _restore_or_init(exp, checkpointer, iterator)
+      state = _restore_or_init(exp, checkpointer, iterator, workdir)
+      writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)  # after an earlier run's files moved
       return _Loop(config, exp, checkpointer, iterator, writer, workdir).run(state, stop_at)
   finally:
-    iterator.close()
-    checkpointer.close()
-    writer.close()
+    for closable in (iterator, writer, checkpointer):
+      if closable is not None:
+        closable.close()
 
 
 class _Loop:
@@ -160,7 +180,7 @@ class _Loop:
   def _log_and_evaluate(self, step: int, leaves: list[jax.Array], metrics: dict) -> dict:
     """Writes the record of this step (empty if it is neither a log nor an eval step)."""
     config, record = self.config, {}
-    if step % config.log_every == 0 or step == config.total_steps:
+    if step % config.log_every == 0 or step in (1, config.total_steps):  # step 1: the loss at the start
       record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
       record.update(self.throughput.measure(step))
       if self.stop_on_nonfinite and record['skipped_steps']:
