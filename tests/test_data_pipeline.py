@@ -168,6 +168,10 @@ def test_concurrent_builds_build_once_and_completely(corpus, tmp_path):
   assert not leftovers
 
 
+@pytest.mark.fault('a local_text directory in which many files are byte-identical (licence texts under many names)',
+                   "each content is stored once, in one split; the build logs how many files it dropped; "
+                   "data.describe reports them and the validation split's overlap with training (identical "
+                   'documents, lines over 20 bytes seen verbatim)')
 def test_identical_files_are_one_document_and_the_overlap_is_reported(tmp_path, caplog):
   """Issue 30.2: licence files copied under many names went to both splits; now each content is stored once,
   the build says how many files it dropped, and describe() reports what validation shares with training."""
@@ -197,6 +201,9 @@ def test_identical_files_are_one_document_and_the_overlap_is_reported(tmp_path, 
   assert description['overlap']['lines_in_train'] > 0  # the shared line
 
 
+@pytest.mark.fault('files added to and edited in a local_text directory after it was built',
+                   'the next use builds a new snapshot (the build is named by a manifest of paths, sizes and '
+                   'modification times) and logs that the files changed')
 def test_a_changed_directory_is_built_again(tmp_path, caplog):
   """Issue 30.3: files added to a directory already built were ignored; now the build's name holds a manifest
   (paths, sizes, modification times), so a changed directory builds a new snapshot and says so."""

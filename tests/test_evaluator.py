@@ -51,6 +51,8 @@ def test_bits_per_byte_and_loss_by_position_by_hand(data_dir):
     assert row['loss'] == pytest.approx(np.mean(losses), rel=1e-5)
 
 
+@pytest.mark.fault('evaluating an older checkpoint after a newer one',
+                   'its results go to eval_<step>.json; eval.json keeps the newest step (a warning says so)')
 def test_an_older_step_never_replaces_a_newer_eval(tmp_path):
   """Issue 30.4: evaluating an older checkpoint overwrote eval.json; now each step has its file and eval.json
   is the newest step's."""

@@ -122,6 +122,10 @@ def run_binary(binary: str, *flags: str, check: bool = True) -> subprocess.Compl
   return process
 
 
+@pytest.mark.fault('evaluate and sample run without --config, or evaluate with a --config lacking the dataset flags '
+                   'training had', "they use the workdir's recorded config; the other data is refused naming each "
+                   'field and --other_dataset; eval.json names the dataset and the step; evaluate logs its '
+                   'progress; the training log starts at step 1 and has no progress bars')
 def test_train_evaluate_and_sample_binaries(data_dir, tmp_path):
   """Issue 30.4 and 30.6: evaluate and sample take the workdir's recorded config (a --config with another
   dataset is refused), eval.json names the dataset and the step, evaluate logs its progress, the first loss
