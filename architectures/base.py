@@ -5,7 +5,8 @@ A model is an `nnx.Module` with
   __call__(tokens [B, T] int32, positions [B, T] int32, cache=None, *, last_only=False, capped=True)
       -> (logits [B, T, V] float32 ([B, 1, V] with last_only: a prefill needs only the last), cache)
       (capped=False: logits before the soft cap `logits_soft_cap`, which the training loss applies)
-  init_cache(batch, max_len, dtype) -> cache   (a pytree of fixed shapes)
+  init_cache(batch, max_len, dtype) -> cache   (a pytree of fixed shapes, for contexts of up to max_len tokens)
+  prefill(tokens, positions, cache, chunk) -> (logits [B, 1, V], cache)   (a prompt, in chunks of `chunk`)
   cache_bytes(batch, context_len, dtype) -> int
   flops_per_token(seq_len) -> float            (forward matmul FLOPs, MaxText-style)
 
@@ -69,9 +70,10 @@ class ModelConfig:
 
 @flax.struct.dataclass
 class ModelCache:
-  """Decode cache: where the row is (cursor) and each layer's state."""
+  """Decode cache: where the row is (cursor), each layer's state, and the context it was built for."""
   cursor: Cursor
   layers: Any
+  max_len: int = flax.struct.field(pytree_node=False, default=0)  # init_cache's max_len (static)
 
 
 def stack_layer_caches(cache: Any, num_layers: int) -> Any:
@@ -124,6 +126,39 @@ class SequenceModel(nnx.Module):
 
   def flops_per_token(self, seq_len: int) -> float:
     raise NotImplementedError
+
+  def prefill(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache,
+              chunk: int = 0) -> tuple[jax.Array, ModelCache]:
+    """Writes a prompt (tokens, positions [B, P]) into `cache`: its last position's logits [B, 1, V], the cache.
+
+    chunk = 0: the prompt in one call; into a cache that holds none of its documents, attention
+    runs through the training kernels (cuDNN, splash), O(P) memory where they apply.
+    chunk = C > 0: C tokens per call, each written into the cache before the next (the first call
+    takes the P mod C remainder, then one lax.scan over equal chunks), so activations are O(C)
+    and attention scores O(C x P) whatever the platform. Both equal one forward pass.
+    """
+    length = tokens.shape[1]
+    if chunk < 0:
+      raise ValueError(f'prefill chunk={chunk}: must be >= 0 (0 = the whole prompt in one call)')
+    if cache.max_len and length > cache.max_len:
+      raise ValueError(f'a prompt of {length} tokens is longer than the cache, built for {cache.max_len} '
+                       '(init_cache max_len)')
+    if not chunk or length <= chunk:
+      return self(tokens, positions, cache, last_only=True)
+    head = length % chunk
+    if head:
+      _, cache = self(tokens[:, :head], positions[:, :head], cache, last_only=True)
+
+    def chunks(x: jax.Array) -> jax.Array:  # [B, P, ...] -> [P // C, B, C, ...] after the remainder
+      x = x[:, head:]
+      return jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+
+    def one_chunk(cache: ModelCache, inputs: tuple[jax.Array, jax.Array]):
+      logits, cache = self(*inputs, cache, last_only=True)
+      return cache, logits
+
+    cache, logits = jax.lax.scan(one_chunk, cache, (chunks(tokens), chunks(positions)))
+    return logits[-1], cache
 
   def cache_bytes(self, batch: int, context_len: int, dtype: jnp.dtype = jnp.bfloat16) -> int:
     """Exact size of the decode cache for `context_len` tokens (no allocation)."""

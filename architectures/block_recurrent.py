@@ -198,12 +198,12 @@ class BlockRecurrentTransformer(SequenceModel):
     if last_only:
       x = x[:, -1:]
     logits = self.io.logits(self.final_norm(x), capped)
-    return logits, (None if cache is None else ModelCache(cursor=cursor, layers=layer_caches))
+    return logits, (None if cache is None else cache.replace(cursor=cursor, layers=layer_caches))
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     """Fixed size whatever `max_len`: the last window(s) of keys per layer and the recurrent states."""
-    del max_len
-    return ModelCache(cursor=Cursor.create(batch), layers=[layer.init_cache(batch, dtype) for layer in self.layers])
+    return ModelCache(cursor=Cursor.create(batch), layers=[layer.init_cache(batch, dtype) for layer in self.layers],
+                      max_len=max_len)
 
   def flops_per_token(self, seq_len: int) -> float:
     cfg = self.config

@@ -255,7 +255,7 @@ class GoldFinch(SequenceModel):
     logits = self.io.logits(self.ln_out(x), capped)                     # [B, T or 1, V]
     if cache is None:
       return logits, None
-    return logits, ModelCache(cursor=cursor, layers=GoldFinchCaches(rwkv=rwkv_caches, gold=gold_caches,
+    return logits, cache.replace(cursor=cursor, layers=GoldFinchCaches(rwkv=rwkv_caches, gold=gold_caches,
                                                                      keys=key_cache))
 
   def _shared_kv(self, tokens, positions, token_index, documents, x0, compressed, cache):
@@ -280,7 +280,8 @@ class GoldFinch(SequenceModel):
             for block in self.gold_layers]
     keys = (GoldKeyCache.create(batch, max_len, self.compression.compressed_dim, dtype)
             if self.config.num_gold_layers else None)
-    return ModelCache(cursor=Cursor.create(batch), layers=GoldFinchCaches(rwkv=rwkv, gold=gold, keys=keys))
+    return ModelCache(cursor=Cursor.create(batch), layers=GoldFinchCaches(rwkv=rwkv, gold=gold, keys=keys),
+                      max_len=max_len)
 
   def flops_per_token(self, seq_len: int) -> float:
     """Forward matmul FLOPs per token (MaxText-style: 2 per multiply-add; attention halved by causality)."""

@@ -250,7 +250,7 @@ class Griffin(SequenceModel):
     logits = self.io.logits(self.final_norm(x), capped)  # [B, T or 1, V]
     if cache is None:
       return logits, None
-    return logits, ModelCache(cursor=cursor, layers=dict(groups=group_caches, tail=tail_caches))
+    return logits, cache.replace(cursor=cursor, layers=dict(groups=group_caches, tail=tail_caches))
 
   def _block_cache(self, kind: str, batch: int, max_len: int, dtype: jnp.dtype):
     cfg = self.config
@@ -269,7 +269,7 @@ class Griffin(SequenceModel):
       groups = (stack_layer_caches(one_group, self.num_groups) if cfg.scan_layers
                 else [one_group] * self.num_groups)
     tail = [one_group[:len(self.tail[0].blocks)]] if len(self.tail) else None
-    return ModelCache(cursor=Cursor.create(batch), layers=dict(groups=groups, tail=tail))
+    return ModelCache(cursor=Cursor.create(batch), layers=dict(groups=groups, tail=tail), max_len=max_len)
 
   def flops_per_token(self, seq_len: int) -> float:
     """Forward FLOPs per token: 2 x every matmul weight, plus attention over its visible keys.

@@ -118,7 +118,7 @@ class Transformer(SequenceModel):
     if last_only:
       x = x[:, -1:]
     logits = self.io.logits(self.final_norm(x), capped)  # [B, T or 1, V]
-    return logits, (None if cache is None else ModelCache(cursor=cursor, layers=layer_caches))
+    return logits, (None if cache is None else cache.replace(cursor=cursor, layers=layer_caches))
 
   @staticmethod
   def make_mixer(cfg: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -133,7 +133,7 @@ class Transformer(SequenceModel):
     mixer = (self.layers if cfg.scan_layers else self.layers[0]).mixer  # shapes only: any layer will do
     one = mixer.init_cache(batch, max_len, dtype)
     layers = stack_layer_caches(one, cfg.num_layers) if cfg.scan_layers else [one] * cfg.num_layers
-    return ModelCache(cursor=Cursor.create(batch), layers=layers)
+    return ModelCache(cursor=Cursor.create(batch), layers=layers, max_len=max_len)
 
   def mixer_flops_per_token(self, seq_len: int) -> float:
     """Forward matmul FLOPs per token of one layer's mixer: projections and attention."""

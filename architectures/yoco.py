@@ -45,7 +45,7 @@ from layers import attention_ops, sharding, stack
 from layers.attention import Attention
 from layers.documents import Cursor, locate
 from layers.gated_retention import GatedRetention, RetentionCache
-from layers.kv_cache import KVCache
+from layers.kv_cache import KVCache, Keys
 from layers.linear import Dense
 from layers.mlp import GatedMLP
 from layers.norms import RMSNorm
@@ -182,11 +182,11 @@ class SelfLayer(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class SharedKV:
-  """The global keys/values and what a cross layer needs to attend into them."""
-  keys: jax.Array           # [B, S, K, H], RoPE applied
-  values: jax.Array         # [B, S, K, H]
-  mask: jax.Array | None    # [B, T, S] visibility, or None for the cuDNN path
-  documents: jax.Array      # [B, T] (cuDNN path: query and key documents are the same row)
+  """The global keys/values (RoPE applied) and the queries' place, what a cross layer attends with."""
+  keys: Keys               # [B, S, K, H] keys and values, each key's index and document [B, S]
+  q_index: jax.Array       # [B, T] the queries' token index and document
+  q_document: jax.Array
+  own_row: bool            # the keys are exactly the queries' row (training): the attention kernels serve
 
 
 class CrossAttention(nnx.Module):
@@ -195,6 +195,7 @@ class CrossAttention(nnx.Module):
   def __init__(self, cfg: YOCOConfig, rngs: nnx.Rngs):
     dtypes = _dtypes(cfg)
     self.head_dim = cfg.head_dim
+    self.impl = cfg.attention_impl
     self.rope = FrozenDict(base=cfg.rope_base, style=cfg.rope_style, frequencies=cfg.rope_frequencies)
     self.query = Dense(cfg.dim, (cfg.num_heads, cfg.head_dim),
                        names=(sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM), rngs=rngs, **dtypes)
@@ -205,10 +206,12 @@ class CrossAttention(nnx.Module):
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     q = sharding.constrain(apply_rope(self.query(x), positions, **self.rope), heads)  # [B, T, N, H]
     scale = self.head_dim ** -0.5
-    if kv.mask is None:
-      o = attention_ops.cudnn_self_attention(q, kv.keys, kv.values, kv.documents, None, scale)
+    keys = kv.keys
+    if kv.own_row:
+      o = attention_ops.self_attention(q, keys.keys, keys.values, kv.q_index, kv.q_document, None, scale, self.impl)
     else:
-      o = attention_ops.xla_attention(q, kv.keys, kv.values, kv.mask, scale)
+      o = attention_ops.attend_visible(q, keys.keys, keys.values, kv.q_index, kv.q_document, keys.index,
+                                       keys.documents, None, scale)
     return self.out(sharding.constrain(o, heads))
 
 
@@ -269,7 +272,7 @@ class YOCO(SequenceModel):
     logits = self.io.logits(self.final_norm(x), capped)  # [B, T or 1, V]
     if cache is None:
       return logits, None
-    return logits, ModelCache(cursor=cursor, layers=YOCOLayerCaches(self_decoder=self_caches, cross_kv=cross_kv))
+    return logits, cache.replace(cursor=cursor, layers=YOCOLayerCaches(self_decoder=self_caches, cross_kv=cross_kv))
 
   def _shared_kv(self, x, positions, token_index, documents, cache, last_only):
     """The global K/V from the self-decoder output (written to the cache) and the cross layers' mask."""
@@ -280,17 +283,9 @@ class YOCO(SequenceModel):
     v = sharding.constrain(self.value(h), kv_heads)
     q_index, q_document = (token_index[:, -1:], documents[:, -1:]) if last_only else (token_index, documents)
     if cache is None:
-      impl = attention_ops.resolve_impl(self.config.attention_impl, jnp.dtype(self.config.dtype), self.config.head_dim)
-      mask = None if impl == 'cudnn' and not last_only else attention_ops.visibility_mask(
-          q_index, q_document, token_index, documents, None)
-      return SharedKV(k, v, mask, documents), None
-    cached = cache.layers.cross_kv
-    all_k = jnp.concatenate([cached.keys.astype(k.dtype), k], axis=1)    # [B, S + T, K, H]
-    all_v = jnp.concatenate([cached.values.astype(v.dtype), v], axis=1)
-    k_index = jnp.concatenate([cached.slot_index, token_index], axis=1)  # [B, S + T]
-    k_document = jnp.concatenate([cached.slot_document, documents], axis=1)
-    mask = attention_ops.visibility_mask(q_index, q_document, k_index, k_document, None)
-    return SharedKV(all_k, all_v, mask, documents), cached.write(k, v, token_index, documents)
+      return SharedKV(Keys(k, v, token_index, documents), q_index, q_document, own_row=not last_only), None
+    visible, written = cache.layers.cross_kv.extend(k, v, token_index, documents)
+    return SharedKV(visible, q_index, q_document, own_row=False), written
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     cfg = self.config
@@ -301,7 +296,7 @@ class YOCO(SequenceModel):
     self_caches = stack_layer_caches(one, cfg.self_layers) if cfg.scan_layers else [one] * cfg.self_layers
     cross_kv = KVCache.create(batch, max_len, cfg.kv_heads, cfg.head_dim, dtype)
     return ModelCache(cursor=Cursor.create(batch),
-                      layers=YOCOLayerCaches(self_decoder=self_caches, cross_kv=cross_kv))
+                      layers=YOCOLayerCaches(self_decoder=self_caches, cross_kv=cross_kv), max_len=max_len)
 
   def flops_per_token(self, seq_len: int) -> float:
     cfg = self.config

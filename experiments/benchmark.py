@@ -1,7 +1,8 @@
 """Measures training and decoding speed and memory on synthetic data.
 
   python -m experiments.benchmark --config=experiments/configs/transformer.py:150m --output=bench.json
-  python -m experiments.benchmark --mode=decode --contexts=1024,4096,16384,65536 --config=... --output=decode.json
+  python -m experiments.benchmark --mode=decode --config=experiments/configs/griffin.py:150m \
+      --contexts=4096,32768,131072 --decode_batch=1,16 --max_batch --peer --output=decode.json
   python -m experiments.benchmark --config=experiments/configs/griffin.py:bench --peer   # + recurrentgemma
   python -m experiments.benchmark --config=experiments/configs/transformer.py:1b --num_devices=2 \
       --config.mesh.fsdp=2 --config.batch_size=16                                     # FSDP over 2 GPUs
@@ -12,13 +13,18 @@
 `--mode=train`: compile time, the median step time of `--steps` timed steps
 (after `--warmup` untimed ones), tokens/s, MFU (MaxText-style FLOPs against
 the chip's peak bf16 rate) and the device's peak memory.
-`--mode=decode`: for each context length, the prefill time of a prompt that
-long, the time per generated token after it (median over `--steps` tokens)
-and the exact decode-cache bytes.
+`--mode=decode`: what users run, the sampler's one jitted generation call
+(prefill + `--new_tokens` tokens; trainers/measure_decode.py), at each context
+(prompt + new tokens) and batch size: prefill time, decode tokens/s and ms per
+token, the program's memory and the cache's bytes; `--max_batch` adds the
+largest batch that fits at each context (the Griffin paper's throughput curve:
+experiments/plot_decode.py draws it from several outputs). The prompt is
+prefilled `config.prefill_chunk` tokens per call (0: at once).
 `--mode=op`: forward + backward time of one operator (trainers/measure_ops.py)
 at `--op_shape` = B,T,H,D (the RG-LRU's width is H x D); no config needed.
 `--peer`: also times the family's peer (experiments/peers) at the same shape
-in the same run, and reports our tokens/s over the peer's.
+in the same run, and reports our tokens/s over the peer's (decode: its own
+sampler or `generate`, same contexts and batches).
 `--num_devices`: use the first N devices (default all); the config's mesh must
 cover them. `tokens_per_s_per_device` is what scaling efficiency compares.
 Needs no dataset: rows are random bytes packed as documents of random length.
@@ -31,9 +37,10 @@ from ml_collections import config_flags
 
 import jax
 
-from experiments.peers import benchmark_operator_peer, benchmark_peer
+from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer, with_peer_ratios
 from trainers.logs import quiet_library_logs
-from trainers.measure import benchmark_decode, benchmark_train_step
+from trainers.measure import benchmark_train_step
+from trainers.measure_decode import benchmark_decode
 from trainers.measure_ops import OPERATORS, benchmark_operator
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
@@ -41,10 +48,13 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed train steps after the compile.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON results.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'decode', 'op'], 'What to measure.')
-_PEER = flags.DEFINE_bool('peer', False, 'Train and op modes: also time the peer (experiments/peers).')
+_PEER = flags.DEFINE_bool('peer', False, 'Also time the peer (experiments/peers) in the same run.')
 _NUM_DEVICES = flags.DEFINE_integer('num_devices', None, 'Train mode: use the first N devices (default: all).')
-_CONTEXTS = flags.DEFINE_list('contexts', ['1024', '4096', '16384', '65536'], 'Decode: prompt lengths.')
-_DECODE_BATCH = flags.DEFINE_integer('decode_batch', 1, 'Decode: sequences decoded together.')
+_CONTEXTS = flags.DEFINE_list('contexts', ['4096', '32768', '131072'], 'Decode: context lengths (prompt + new tokens).')
+_DECODE_BATCH = flags.DEFINE_list('decode_batch', ['1'], 'Decode: batch sizes (sequences decoded together).')
+_MAX_BATCH = flags.DEFINE_bool('max_batch', False, 'Decode: also the largest batch that fits at each context.')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Decode: tokens generated after the prompt (timed).')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Decode: timed calls per measurement (median).')
 _OP = flags.DEFINE_enum('op', 'wkv', sorted(OPERATORS), 'Op mode: the operator.')
 _OP_SHAPE = flags.DEFINE_list('op_shape', ['8', '2048', '16', '64'], 'Op mode: batch, length, heads, head dim.')
 
@@ -58,6 +68,20 @@ def _operator_results() -> dict:
     results['peer'] = benchmark_operator_peer(_OP.value, *shape, _STEPS.value)
     results['ratio_to_peer'] = results['fwd_bwd_s'] / results['peer']['fwd_bwd_s']
   logging.info('%s', json.dumps(results))
+  return results
+
+
+def _decode_results() -> dict:
+  config = _CONFIG.value
+  contexts, batches = [int(c) for c in _CONTEXTS.value], [int(b) for b in _DECODE_BATCH.value]
+  peer = None
+  if _PEER.value:  # first: a PyTorch peer gives its memory back when done, JAX's pool keeps what it took
+    peer = benchmark_decode_peer(config, contexts, batches, _NEW_TOKENS.value, _REPEATS.value, _MAX_BATCH.value)
+  results = benchmark_decode(config, contexts, batches, _NEW_TOKENS.value, max_batch=_MAX_BATCH.value,
+                             prefill_chunk=config.get('prefill_chunk', 0), repeats=_REPEATS.value)
+  if peer is not None:
+    with_peer_ratios(results['results'], peer)
+    results['peer'] = peer
   return results
 
 
@@ -78,7 +102,7 @@ def main(argv):
       results['ratio_to_peer'] = results['tokens_per_s'] / results['peer']['tokens_per_s']
       logging.info('peer: %s; ours / peer = %.2fx', json.dumps(results['peer']), results['ratio_to_peer'])
   else:
-    results = benchmark_decode(_CONFIG.value, [int(c) for c in _CONTEXTS.value], _DECODE_BATCH.value, _STEPS.value)
+    results = _decode_results()
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
       json.dump(results, f, indent=2)

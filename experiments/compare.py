@@ -25,7 +25,7 @@ from experiments import compare_plots
 from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
 from trainers.logs import quiet_library_logs
-from trainers.measure import benchmark_decode
+from trainers.measure_decode import benchmark_decode, human_bytes
 from trainers.train_loop import train
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
@@ -63,7 +63,7 @@ def run_family(name: str, size: str, steps: int | None, workdir: str, contexts: 
   exp = Experiment.build(config)
   model = exp.abstract_model
   longest = max(evaluation['extrapolation'].values(), key=lambda e: e['seq_len'], default=evaluation)
-  decode = benchmark_decode(config, contexts, batch=1, num_tokens=8)
+  decode = benchmark_decode(config, contexts, [1], 8, repeats=1)
   return dict(
       name=name, params=sum(x.size for x in jax.tree.leaves(exp.abstract_state.params)),
       loss=evaluation['loss'], bits_per_byte=evaluation['bits_per_byte'],
@@ -72,14 +72,7 @@ def run_family(name: str, size: str, steps: int | None, workdir: str, contexts: 
       cache_bytes={c: model.cache_bytes(1, c, jnp.bfloat16) for c in _CACHE_CONTEXTS},
       tokens_per_s=statistics.median([r['tokens_per_s'] for r in records if r.get('tokens_per_s')] or [0.0]),
       curve=[(r['step'], r['loss']) for r in records if 'loss' in r],
-      decode=decode['contexts'])
-
-
-def _bytes(n: float) -> str:
-  for unit, size in (('GiB', 2 ** 30), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
-    if n >= size:
-      return f'{n / size:.2f} {unit}'
-  return f'{n:.0f} B'
+      decode=decode['results'])
 
 
 def markdown_table(results: list[dict], size: str, steps: int | None) -> str:
@@ -92,7 +85,7 @@ def markdown_table(results: list[dict], size: str, steps: int | None) -> str:
     last = r['longest_context']['loss_by_position'][-1]
     lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['loss']:.3f} | {r['bits_per_byte']:.3f} | "
                  f"{last['loss']:.3f} (ctx {last['first']}-{last['last']} of {r['longest_context']['seq_len']}) | "
-                 f"{r['mqar_accuracy']:.3f} | {_bytes(r['cache_bytes'][8192])} | {r['tokens_per_s']:.0f} |")
+                 f"{r['mqar_accuracy']:.3f} | {human_bytes(r['cache_bytes'][8192])} | {r['tokens_per_s']:.0f} |")
   return '\n'.join(lines) + '\n'
 
 

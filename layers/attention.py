@@ -2,8 +2,11 @@
 
 q = x W_q, k = x W_k, v = x W_v, rotated by RoPE at the token positions, then
 attention_ops (causal, document and window masks), then y = o W_o. With a
-cache the new keys are attended together with the cached ones and then
-written into the cache (full KV, or a ring buffer of W slots for a window).
+cache the new keys are attended together with the cached ones and written
+into the cache (full KV, or a ring buffer of W slots for a window;
+KVCache.extend). A prompt that continues no cached document (a prefill into
+an empty cache) attends over its own tokens through the same kernels as
+training, so it never builds [T, T] scores on a GPU or TPU.
 """
 import jax
 import jax.numpy as jnp
@@ -53,14 +56,20 @@ class Attention(nnx.Module):
     k = sharding.constrain(apply_rope(self.key(x), positions, **self.rope), kv_heads)  # [B, T, K, H]
     v = sharding.constrain(self.value(x), kv_heads)                                   # [B, T, K, H]
     scale = self.head_dim ** -0.5
+
+    def own_tokens():  # the kernels of training (cuDNN, splash) where they apply
+      return attention_ops.self_attention(q, k, v, token_index, documents, self.window, scale, self.impl)
+
     if cache is None:
-      o = attention_ops.self_attention(q, k, v, token_index, documents, self.window, scale, self.impl)
+      o = own_tokens()
     else:
-      all_k = jnp.concatenate([cache.keys.astype(k.dtype), k], axis=1)      # [B, S + T, K, H]
-      all_v = jnp.concatenate([cache.values.astype(v.dtype), v], axis=1)
-      k_index = jnp.concatenate([cache.slot_index, token_index], axis=1)    # [B, S + T]
-      k_document = jnp.concatenate([cache.slot_document, documents], axis=1)
-      mask = attention_ops.visibility_mask(token_index, documents, k_index, k_document, self.window)
-      o = attention_ops.xla_attention(q, all_k, all_v, mask, scale)
-      cache = cache.write(k, v, token_index, documents)
+      visible, cache_after = cache.extend(k, v, token_index, documents)
+
+      def with_cache():
+        return attention_ops.attend_visible(q, visible.keys, visible.values, token_index, documents, visible.index,
+                                            visible.documents, self.window, scale)
+
+      # A prompt (T > 1) that continues no cached document (e.g. into an empty cache) sees only its own tokens.
+      o = with_cache() if q.shape[1] == 1 else jax.lax.cond(cache.holds_document_of(documents), with_cache, own_tokens)
+      cache = cache_after
     return self.out(sharding.constrain(o, heads)), cache

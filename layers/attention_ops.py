@@ -5,24 +5,31 @@ MQA (query heads grouped over `num_kv_heads`). Query i sees key j when both are
 in the same document, j <= i and i - j < window (W keys including itself: the
 Mistral / YOCO convention, flash-attn `window_size=(W-1, 0)`).
 
-Three implementations behind `impl`: `xla` (the reference, runs everywhere,
-materialises the [T, S] scores), `cudnn` (cuDNN flash attention on GPU,
-bf16/fp16 only; the window always goes with `is_causal=True`, since without it
-some cuDNN versions attend to the future) and `splash` (the TPU splash kernel,
-layers/splash_attention.py; Pallas interpret mode elsewhere). The kernels serve
-self-attention over the queries' own row (`self_attention`); with a KV cache
-or other keys the XLA form runs. `auto` picks cuDNN when compiling for a GPU
-and splash when compiling for a TPU (kernel_sharding.compile_platform: the
-active mesh's devices), where they apply, and XLA otherwise.
+Three implementations behind `impl`: `xla` (the reference, runs everywhere;
+`attend_visible` builds the scores in blocks of queries once they would pass
+DENSE_SCORES_LIMIT elements, so a long prefill never holds a [T, S] array),
+`cudnn` (cuDNN flash attention on GPU, bf16/fp16 only; the window always goes
+with `is_causal=True`, since without it some cuDNN versions attend to the
+future) and `splash` (the TPU splash kernel, layers/splash_attention.py; Pallas
+interpret mode elsewhere). The kernels serve self-attention over the queries'
+own row (`self_attention`); with a KV cache or other keys the XLA form runs.
+`auto` picks cuDNN when compiling for a GPU and splash when compiling for a TPU
+(kernel_sharding.compile_platform: the active mesh's devices), where they
+apply, and XLA otherwise.
 """
 import jax
 import jax.numpy as jnp
 
 from layers import kernel_sharding, sharding, splash_attention
+from layers.documents import PAD_DOCUMENT
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
 _MASKED = -1e30  # finite, so a fully masked (padding) query gives a finite output
 CUDNN_MAX_DOCUMENTS = 16  # runs of one document id per row that the packed cuDNN call describes
+# Scores (B x heads x queries x keys) above which the XLA form works through the queries in blocks
+# of at most BLOCK_SCORES scores each: O(block x S) memory, never [T, S] for a long prompt.
+DENSE_SCORES_LIMIT = 1 << 30
+BLOCK_SCORES = 1 << 28
 
 
 def visibility_mask(q_index: jax.Array, q_document: jax.Array, k_index: jax.Array,
@@ -47,6 +54,36 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskh->btkgh', probs, v)
   return out.reshape(batch, length, num_heads, head_dim)
+
+
+def attend_visible(q: jax.Array, k: jax.Array, v: jax.Array, q_index: jax.Array, q_document: jax.Array,
+                   k_index: jax.Array, k_document: jax.Array, window: int | None, scale: float) -> jax.Array:
+  """xla_attention with the visibility mask of these queries and keys, built block by block when large.
+
+  q [B, T, N, H], k/v [B, S, K, H], index/document [B, T] and [B, S] -> [B, T, N, H]. Up to
+  DENSE_SCORES_LIMIT scores in one piece; beyond, the queries go in blocks (lax.map) of a power of
+  two holding at most BLOCK_SCORES scores, the last block padded with queries that see nothing.
+  """
+  batch, length, num_heads, head_dim = q.shape
+  keys = k.shape[1]
+  if batch * num_heads * length * keys <= DENSE_SCORES_LIMIT:
+    mask = visibility_mask(q_index, q_document, k_index, k_document, window)
+    return xla_attention(q, k, v, mask, scale)
+  block = 1 << max(0, (BLOCK_SCORES // (batch * num_heads * keys)).bit_length() - 1)
+  blocks = -(-length // block)
+  pad = blocks * block - length
+
+  def split(x: jax.Array, fill) -> jax.Array:  # [B, T, ...] -> [blocks, B, block, ...]
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(batch, blocks, block, *x.shape[2:]), 1, 0)
+
+  def one_block(inputs):
+    q_block, index_block, document_block = inputs
+    mask = visibility_mask(index_block, document_block, k_index, k_document, window)
+    return xla_attention(q_block, k, v, mask, scale)
+
+  out = jax.lax.map(one_block, (split(q, 0), split(q_index, 0), split(q_document, PAD_DOCUMENT)))
+  return jnp.moveaxis(out, 0, 1).reshape(batch, blocks * block, num_heads, head_dim)[:, :length]
 
 
 def document_segments(documents: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -92,6 +129,10 @@ def cudnn_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, documents: ja
           q, k, v, mask=same_document[:, None], scale=scale, is_causal=True,
           local_window_size=None if window is None else (window - 1, 0), implementation='cudnn')
 
+    def blocked_xla():  # a [b, T, T] mask would not fit (a long prefill): queries in blocks
+      index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), documents.shape)
+      return attend_visible(q, k, v, index, documents, index, documents, window, scale)
+
     def packed():
       # cuDNN's packed layout is not in jax.nn.dot_product_attention's API; imported here, so
       # that a JAX which moves this private module breaks only this GPU path.
@@ -102,7 +143,8 @@ def cudnn_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, documents: ja
 
     lengths, starts, runs = document_segments(documents, CUDNN_MAX_DOCUMENTS)
     # Rematerialised, so the branch not taken leaves no [b, 1, T, T] mask among the residuals.
-    return jax.lax.cond(jnp.all(runs <= CUDNN_MAX_DOCUMENTS), packed, jax.checkpoint(dense_mask))
+    fallback = dense_mask if q.shape[0] * length * length <= DENSE_SCORES_LIMIT else blocked_xla
+    return jax.lax.cond(jnp.all(runs <= CUDNN_MAX_DOCUMENTS), packed, jax.checkpoint(fallback))
 
   rows = kernel_sharding.mesh_axes(sharding.ACT_BATCH, batch)
   heads = kernel_sharding.spec((rows, (), kernel_sharding.mesh_axes(sharding.ACT_HEADS, num_heads), ()))
@@ -144,5 +186,4 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_index: jax.Ar
     return cudnn_self_attention(q, k, v, documents, window, scale)
   if impl == 'splash':
     return splash_attention.splash_self_attention(q, k, v, documents, window, scale)
-  mask = visibility_mask(token_index, documents, token_index, documents, window)
-  return xla_attention(q, k, v, mask, scale)
+  return attend_visible(q, k, v, token_index, documents, token_index, documents, window, scale)

@@ -225,6 +225,5 @@ class GoldAttention(nnx.Module):
     if impl == 'cudnn':
       o = attention_ops.cudnn_self_attention(q, k, v, documents, None, scale)
     else:
-      mask = attention_ops.visibility_mask(token_index, documents, kv.index, kv.documents, None)
-      o = attention_ops.xla_attention(q, k, v, mask, scale)
+      o = attention_ops.attend_visible(q, k, v, token_index, documents, kv.index, kv.documents, None, scale)
     return self.output(sharding.constrain(self.ln_x(o), heads)), shift

@@ -1,15 +1,25 @@
-"""Decode cache of one attention layer: keys and values in S slots.
+"""Decode cache of one attention layer: keys and values in S slots, and the keys a cached call sees.
 
 Global attention keeps every token (S = max_len); a sliding window of W keeps
 a ring buffer of W slots, token i in slot i mod W. Each slot also records the
 index and document of the token it holds (-1 when empty), so the attention
 mask for cached keys is computed exactly as for fresh ones.
 """
+from typing import NamedTuple
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from layers.documents import PAD_DOCUMENT
+
+
+class Keys(NamedTuple):
+  """Keys and values a call's queries attend to, with each key's token index and document."""
+  keys: jax.Array       # [B, S, K, H]
+  values: jax.Array     # [B, S, K, H]
+  index: jax.Array      # [B, S] int32
+  documents: jax.Array  # [B, S] int32, -1: visible to nobody
 
 
 @flax.struct.dataclass
@@ -46,3 +56,32 @@ class KVCache:
         values=self.values.at[rows, slots].set(values[:, -n:].astype(self.values.dtype)),
         slot_index=self.slot_index.at[rows, slots].set(index),
         slot_document=self.slot_document.at[rows, slots].set(documents[:, -n:]))
+
+  def extend(self, keys: jax.Array, values: jax.Array, token_index: jax.Array,
+             documents: jax.Array) -> tuple[Keys, 'KVCache']:
+    """The keys a cached call attends to, and the cache with this call's tokens written.
+
+    One new token (decoding): written first and read back from the S slots, so the cache is
+    not copied; exact while the cache holds every key the token may see (always for a window
+    ring, whose overwritten slot is the one that just left the window; for a global cache while
+    the context fits it, which the sampler ensures). More tokens: the slots as they were and the
+    new keys side by side, [S + T] (a ring may overwrite keys that earlier new tokens still see).
+    """
+    written = self.write(keys, values, token_index, documents)
+    if keys.shape[1] == 1:
+      return Keys(written.keys.astype(keys.dtype), written.values.astype(values.dtype), written.slot_index,
+                  written.slot_document), written
+    side_by_side = Keys(jnp.concatenate([self.keys.astype(keys.dtype), keys], axis=1),      # [B, S + T, K, H]
+                        jnp.concatenate([self.values.astype(values.dtype), values], axis=1),
+                        jnp.concatenate([self.slot_index, token_index], axis=1),          # [B, S + T]
+                        jnp.concatenate([self.slot_document, documents], axis=1))
+    return side_by_side, written
+
+  def holds_document_of(self, documents: jax.Array) -> jax.Array:
+    """bool scalar: some slot holds a token of a document these new tokens [B, T] continue.
+
+    Only a row's first real document can continue from the cache (later ones start in the call),
+    so when this is False no cached key is visible to the call and self-attention over the new
+    tokens alone is exact."""
+    first = jnp.min(jnp.where(documents >= 0, documents, jnp.iinfo(jnp.int32).max), axis=1)  # [B]
+    return jnp.any(self.slot_document == first[:, None])

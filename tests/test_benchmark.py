@@ -1,13 +1,15 @@
 """experiments/benchmark.py's measurements on CPU: what they report, that its loss curve is the
-same on one device and on a sharded mesh (what the multi-GPU scaling runs compare), and how bad
-requests are refused. Speed itself is measured on the GPU, never asserted here."""
+same on one device and on a sharded mesh (what the multi-GPU scaling runs compare), the decode
+benchmark's largest batch under a memory budget, and how bad requests are refused. Speed itself
+is measured on the GPU, never asserted here."""
 import jax
 import numpy as np
 import pytest
 
-from experiments.peers import benchmark_operator_peer, benchmark_peer
+from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer
 from tests.helpers import tiny_experiment
-from trainers.measure import benchmark_decode, benchmark_train_step
+from trainers.measure import benchmark_train_step
+from trainers.measure_decode import DoesNotFitError, benchmark_decode
 from trainers.measure_ops import benchmark_operator
 
 
@@ -23,12 +25,23 @@ def test_train_benchmark_loss_curve_is_the_same_on_one_device_and_sharded(data_d
   assert one['tokens_per_s'] == pytest.approx(one['batch_size'] * one['seq_len'] / one['step_s'])
 
 
-def test_decode_benchmark_reports_each_context(data_dir):
-  result = benchmark_decode(tiny_experiment(data_dir), [8, 24], batch=1, num_tokens=2)
-  small, large = result['contexts']
-  assert (small['context'], large['context']) == (8, 24)
-  assert large['cache_bytes'] > small['cache_bytes'] > 0  # full attention: the cache grows with the context
-  assert small['decode_s_per_token'] > 0 and small['prefill_s'] > 0
+def test_decode_benchmark_times_the_sampler_at_each_context_and_batch(data_dir):
+  config = tiny_experiment(data_dir)
+  rows = benchmark_decode(config, [24, 40], [1, 2], new_tokens=4, repeats=1)['results']
+  assert [(r['context'], r['batch']) for r in rows] == [(24, 1), (24, 2), (40, 1), (40, 2)]
+  assert rows[2]['cache_bytes'] > rows[0]['cache_bytes'] > 0  # full attention: the cache grows with the context
+  assert rows[1]['cache_bytes'] == 2 * rows[0]['cache_bytes']
+  for row in rows:
+    assert row['prefill_s'] > 0 and row['decode_s_per_token'] >= 0 and row['program_bytes'] > row['cache_bytes']
+  # The largest batch that fits a budget of 6 batch-1 programs, checked by compiling; past it, a clear refusal.
+  budget = 6 * rows[0]['program_bytes']
+  largest = benchmark_decode(config, [24], [], new_tokens=4, repeats=1, max_batch=True, memory_limit=budget)
+  row = largest['results'][-1]
+  assert row['largest_batch'] and row['batch'] > 2 and row['program_bytes'] <= budget
+  with pytest.raises(DoesNotFitError, match=rf'batch {4 * row["batch"]} at context 24 needs .* usable'):
+    benchmark_decode(config, [24], [4 * row['batch']], new_tokens=4, repeats=1, memory_limit=budget)
+  with pytest.raises(ValueError, match='context 5 must exceed the 5 generated tokens'):
+    benchmark_decode(config, [5], [1], new_tokens=4)
 
 
 @pytest.mark.parametrize('name', ['wkv', 'wkv_chunked', 'gated_retention', 'attention', 'rg_lru', 'rg_lru_xla'])
@@ -46,3 +59,5 @@ def test_bad_requests_name_the_problem(data_dir):
   config.model.name = 'aaren'
   with pytest.raises(ValueError, match="config.model.name='aaren' has no peer"):
     benchmark_peer(config, 1, 1)
+  with pytest.raises(ValueError, match="config.model.name='aaren' has no decode peer"):
+    benchmark_decode_peer(config, [64], [1], 8, 1, max_batch=False)

@@ -52,3 +52,16 @@ def test_transformer_logits_and_grads_match_across_impls():
     model = tiny_model(dtype='bfloat16', attention_impl=impl, window=32, dim=128, num_heads=2, num_kv_heads=1)
     results.append(model(tokens, positions)[0])
   np.testing.assert_allclose(results[1], results[0], atol=5e-2)
+
+
+@pytest.mark.parametrize('window', [0, 32])
+def test_prefill_through_cudnn_equals_chunked_and_forward(window):
+  """A prompt into an empty cache goes through cuDNN (lax.cond in layers/attention.py); in chunks, XLA."""
+  model = tiny_model(dtype='bfloat16', attention_impl='cudnn', window=window, dim=128, num_heads=2, num_kv_heads=1)
+  tokens = random_tokens((2, 100), 64)
+  positions = packed_positions([[40, 60], [100]])
+  forward = model(tokens, positions)[0][:, -1]
+  for chunk in (0, 16):
+    prefill = jax.jit(lambda t, p: model.prefill(t, p, model.init_cache(2, 128, jnp.bfloat16), chunk))
+    last, _ = prefill(tokens, positions)
+    np.testing.assert_allclose(last[:, 0], forward, atol=5e-2, err_msg=f'chunk {chunk}')

@@ -2,19 +2,15 @@
 
 `benchmark_train_step`: compile time, median step time, tokens/s, MFU
 (MaxText-style FLOPs against the chip's peak bf16 rate), peak device memory.
-`benchmark_decode`: per context length, the prefill time of a prompt that
-long, the time per generated token after it and the exact decode-cache bytes.
+Inference (the sampler's jitted generation) is measured by trainers/measure_decode.py.
 Rows are random bytes packed as documents of random length; weights are random.
 """
-import json
 import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import nnx
 
 from trainers.experiment import Experiment
 from trainers.jitted_step import TrainStep
@@ -81,32 +77,3 @@ def timed(fn, *args):
   start = time.perf_counter()
   out = jax.block_until_ready(fn(*args))
   return out, time.perf_counter() - start
-
-
-def benchmark_decode(config, contexts: list[int], batch: int, num_tokens: int) -> dict:
-  """Prefill time, per-token decode time and cache bytes at each context length (random weights)."""
-  exp = Experiment.build(config)
-  model = nnx.merge(exp.graphdef, exp.new_state().params)
-  graphdef, state = nnx.split(model)
-  cache_dtype = jnp.dtype(config.model.dtype)
-  prefill = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c, last_only=True))
-  step = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c), donate_argnums=3)
-  results = []
-  for context in contexts:
-    prompt = synthetic_batch(batch, context - 1)
-    tokens, positions = (jnp.asarray(prompt[k]) for k in ('tokens', 'positions'))
-    cache = model.init_cache(batch, context + num_tokens + 1, cache_dtype)
-    compiled_prefill = prefill.lower(state, tokens, positions, cache).compile()
-    (logits, cache), prefill_s = timed(compiled_prefill, state, tokens, positions, cache)
-    token, position = jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32), positions[:, -1:] + 1
-    compiled_step = step.lower(state, token, position, cache).compile()
-    per_token = []
-    for _ in range(num_tokens + 1):
-      (logits, cache), seconds = timed(compiled_step, state, token, position, cache)
-      per_token.append(seconds)
-      token, position = jnp.argmax(logits, axis=-1).astype(jnp.int32), position + 1
-    results.append(dict(context=context, prefill_s=prefill_s, decode_s_per_token=statistics.median(per_token[1:]),
-                        cache_bytes=model.cache_bytes(batch, context, cache_dtype)))
-    logging.info('%s', json.dumps(results[-1]))
-  return dict(model=config.model.to_dict(), batch=batch, device_kind=jax.devices()[0].device_kind,
-              contexts=results)

@@ -2,9 +2,11 @@
 greedy / temperature / top-k / top-p sampling, stopping at an end token.
 
 Prompts are left-padded (padding has position -1, which every family ignores),
-prefilled in one call that returns only the last position's logits, then
-extended one token per step inside one jitted `lax.while_loop`, so the host
-waits once for the whole generation.
+prefilled (`SequenceModel.prefill`: in one call, or `prefill_chunk` tokens per
+call so that memory stays O(chunk x context)) and extended one token per step
+inside one jitted `lax.while_loop`, so the host waits once for the whole
+generation. Inside that function the matmul weights are cast once to the
+compute dtype they are used in, so a decode step reads bf16 weights.
 """
 import functools
 from collections.abc import Sequence
@@ -15,6 +17,8 @@ import numpy as np
 from flax import nnx
 
 from architectures.base import SequenceModel
+from layers.embedding import Embed
+from layers.linear import Dense
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -48,20 +52,37 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
   return tokens, positions
 
 
+def cast_matmul_weights(model: SequenceModel) -> None:
+  """Stores each Dense kernel and embedding table in the dtype its module computes in (in place).
+
+  Both modules cast their weight to that dtype at every use, so the outputs do not change; a decode
+  step then reads the weights once in bf16 instead of converting float32 ones first.
+  """
+  for _, module in nnx.iter_modules(model):
+    weight = module.kernel if isinstance(module, Dense) else module.table if isinstance(module, Embed) else None
+    if weight is not None:
+      weight.set_value(weight[...].astype(module.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                                             'eos_id', 'cache_dtype'))
-def _generate(graphdef, state, tokens, positions, key, *, max_new_tokens, temperature, top_k, top_p, eos_id,
-              cache_dtype):
+                                             'eos_id', 'cache_dtype', 'prefill_chunk'))
+def generate_tokens(graphdef, state, tokens: jax.Array, positions: jax.Array, key: jax.Array,
+                    num_new_tokens: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                    eos_id: int | None, cache_dtype, prefill_chunk: int = 0) -> jax.Array:
+  """The whole generation as one jitted call: prompts [B, P] (left-padded) -> new tokens [B, N], -1 after
+  `eos_id` or past `num_new_tokens` (an int32 scalar <= N = max_new_tokens: one compiled program serves
+  any count up to N; the benchmark times 1 and 1 + n new tokens with it)."""
   model = nnx.merge(graphdef, state)
+  cast_matmul_weights(model)
   batch, prompt_len = tokens.shape
   cache = model.init_cache(batch, prompt_len + max_new_tokens, cache_dtype)
-  logits, cache = model(tokens, positions, cache, last_only=True)
+  logits, cache = model.prefill(tokens, positions, cache, prefill_chunk)  # [B, 1, V]
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
 
   def cond(carry):
     i, _, _, _, done, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
+    return (i < num_new_tokens) & ~jnp.all(done)
 
   def body(carry):
     i, logits, cache, position, done, out = carry
@@ -77,20 +98,26 @@ def _generate(graphdef, state, tokens, positions, key, *, max_new_tokens, temper
 
 def generate(model: SequenceModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-             seed: int = 0, cache_dtype=jnp.bfloat16) -> list[np.ndarray]:
-  """New tokens for each prompt (up to and including `eos_id`, at most `max_new_tokens`)."""
+             seed: int = 0, cache_dtype=jnp.bfloat16, prefill_chunk: int = 0) -> list[np.ndarray]:
+  """New tokens for each prompt (up to and including `eos_id`, at most `max_new_tokens`).
+
+  `prefill_chunk` (config.prefill_chunk): prompt tokens per prefill call, 0 = the whole prompt at once.
+  """
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or max_new_tokens < 1:
     raise ValueError(f'need temperature >= 0, 0 < top_p <= 1, top_k >= 0, max_new_tokens >= 1; got '
                      f'{temperature}, {top_p}, {top_k}, {max_new_tokens}')
+  if prefill_chunk < 0:
+    raise ValueError(f'prefill_chunk={prefill_chunk}: must be >= 0 (0 = the whole prompt in one call)')
+  options = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed,
+                 cache_dtype=cache_dtype, prefill_chunk=prefill_chunk)
   lengths = sorted({len(p) for p in prompts})
   if not model.left_padding_invariant and len(lengths) > 1:  # one batch per prompt length: no padding
-    by_length = {n: generate(model, [p for p in prompts if len(p) == n], max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, cache_dtype=cache_dtype)
-                 for n in lengths}
+    by_length = {n: generate(model, [p for p in prompts if len(p) == n], max_new_tokens, **options) for n in lengths}
     return [by_length[len(p)].pop(0) for p in prompts]
   tokens, positions = left_pad(prompts)
   graphdef, state = nnx.split(model)
-  out = np.asarray(_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed),
-                             max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                             top_p=float(top_p), eos_id=eos_id, cache_dtype=jnp.dtype(cache_dtype)))
+  out = np.asarray(generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed),
+                                   jnp.int32(max_new_tokens), max_new_tokens=max_new_tokens,
+                                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                   eos_id=eos_id, cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=int(prefill_chunk)))
   return [row[row >= 0] for row in out]

@@ -77,5 +77,8 @@ def base_config() -> ConfigDict:
   config.eval_extrapolation = (2, 4, 8)   # experiments.evaluate: rows k x seq_len long
   config.eval_tasks = ('mqar', 'passkey', 'selective_copy')  # experiments.evaluate: answer accuracy
   config.profile_steps = ()
+  # Inference (experiments.sample, benchmark --mode=decode): prompt tokens per prefill call; 0 = the whole
+  # prompt in one call (through the attention kernels of training), C > 0 = O(C x context) memory anywhere.
+  config.prefill_chunk = 0
   config.on_nonfinite = 'stop'       # 'stop': halt naming the step and leaf; 'skip': drop the step's update
   return config

@@ -1,15 +1,25 @@
 """Peer implementations timed beside ours by `experiments/benchmark.py --peer` (same shape, same run).
 
-  griffin      recurrentgemma's own JAX Griffin (peers/recurrentgemma_griffin.py)
-  transformer  transformers' LlamaForCausalLM, SDPA + torch.compile + fused AdamW (peers/llama_torch.py)
+  griffin      recurrentgemma's own JAX Griffin (peers/recurrentgemma_griffin.py); decoding: its Sampler
+  transformer  transformers' LlamaForCausalLM, SDPA + torch.compile + fused AdamW (peers/llama_torch.py);
+               decoding: its `generate` with a static cache and torch.compile
+  goldfinch    decoding, Finch configs: flash-linear-attention's RWKV6ForCausalLM.generate (peers/fla_rwkv6.py)
   op wkv       flash-linear-attention's Triton chunk_rwkv6 (peers/fla_rwkv6.py)
 
 Each peer module is imported only when asked for: they need packages (recurrentgemma,
 torch, transformers, fla) that the project itself does not depend on.
 """
+import gc
 import importlib
+import sys
+
+import jax
+from absl import logging
+
+from trainers.measure_decode import MEMORY_HEADROOM, device_memory_limit, largest_batch
 
 PEER_MODULES = {'griffin': 'recurrentgemma_griffin', 'transformer': 'llama_torch'}
+DECODE_PEER_MODULES = {'griffin': 'recurrentgemma_griffin', 'transformer': 'llama_torch', 'goldfinch': 'fla_rwkv6'}
 OPERATOR_PEER_MODULES = {'wkv': 'fla_rwkv6'}
 
 
@@ -28,3 +38,68 @@ def benchmark_operator_peer(name: str, batch: int, seq_len: int, heads: int, hea
     raise ValueError(f'operator {name!r} has no peer; peers exist for {sorted(OPERATOR_PEER_MODULES)}')
   module = importlib.import_module(f'experiments.peers.{OPERATOR_PEER_MODULES[name]}')
   return module.benchmark_operator(batch, seq_len, heads, head_dim, num_steps)
+
+
+def benchmark_decode_peer(config, contexts: list[int], batches: list[int], new_tokens: int, repeats: int,
+                          max_batch: bool) -> list[dict]:
+  """The family's decode peer at each context and batch, and (max_batch) at the largest batch it fits at
+  each context. Run before ours: a PyTorch peer's memory is returned to the device when it is done."""
+  family = config.model.name
+  if family not in DECODE_PEER_MODULES:
+    raise ValueError(f'config.model.name={family!r} has no decode peer; peers exist for {sorted(DECODE_PEER_MODULES)}')
+  module = importlib.import_module(f'experiments.peers.{DECODE_PEER_MODULES[family]}')
+  rows = _decode_rows(module.decode_peer(config, max(contexts)), contexts, batches, new_tokens, repeats, max_batch)
+  _release_torch_memory()  # the peer model is gone with _decode_rows' frame
+  return rows
+
+
+def _decode_rows(peer, contexts: list[int], batches: list[int], new_tokens: int, repeats: int,
+                 max_batch: bool) -> list[dict]:
+  limit = peer_memory_limit()
+  rows = []
+  for context in contexts:
+    sizes = [(batch, False) for batch in batches]
+    if max_batch:
+      sizes.append((largest_batch(lambda b: _bytes_or_inf(peer, context, b, new_tokens), limit,
+                                  f'{peer.name} at context {context}'), True))
+    for batch, largest in sizes:
+      row = dict(peer=peer.name, context=context, batch=batch, largest_batch=largest)
+      try:
+        row.update(peer.decode_point(context, batch, new_tokens, repeats))
+        row['decode_tokens_per_s'] = batch / row['decode_s_per_token'] if row['decode_s_per_token'] else None
+      except MemoryError as e:
+        row['error'] = str(e)
+      logging.info('peer decode %s', row)
+      rows.append(row)
+  return rows
+
+
+def _bytes_or_inf(peer, context: int, batch: int, new_tokens: int) -> float:
+  try:
+    return peer.decode_bytes(context, batch, new_tokens)
+  except MemoryError:
+    return float('inf')
+
+
+def peer_memory_limit() -> int:
+  """Bytes a peer may use on the first GPU: what the device reports, less the same headroom as ours."""
+  if 'torch' in sys.modules and sys.modules['torch'].cuda.is_available():
+    return int(sys.modules['torch'].cuda.mem_get_info()[1] * MEMORY_HEADROOM)
+  return device_memory_limit(jax.devices()[0])
+
+
+def _release_torch_memory() -> None:
+  if 'torch' in sys.modules and sys.modules['torch'].cuda.is_available():
+    gc.collect()
+    sys.modules['torch'].cuda.empty_cache()
+
+
+def with_peer_ratios(ours: list[dict], peer: list[dict]) -> None:
+  """Adds `ratio_to_peer` (our decode tokens/s over the peer's) to each of our rows with a peer row at the
+  same context and batch, or at the same context when both are each one's largest batch."""
+  for row in ours:
+    for other in peer:
+      same = other['context'] == row['context'] and (
+          other['batch'] == row['batch'] if not row['largest_batch'] else other['largest_batch'])
+      if same and other.get('decode_tokens_per_s') and row.get('decode_tokens_per_s'):
+        row['ratio_to_peer'] = row['decode_tokens_per_s'] / other['decode_tokens_per_s']

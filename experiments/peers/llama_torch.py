@@ -1,8 +1,11 @@
 """transformers' LlamaForCausalLM of our Transformer's shape in PyTorch: the Transformer peer.
 
-SDPA attention, `torch.compile` of the whole step, bf16 autocast over float32
-parameters, fused AdamW; rows of random bytes (no document mask: the peer
-attends across documents, ours does not).
+Training (`benchmark`): SDPA attention, `torch.compile` of the whole step, bf16
+autocast over float32 parameters, fused AdamW; rows of random bytes (no document
+mask: the peer attends across documents, ours does not).
+Decoding (`DecodePeer`): `generate` as transformers documents it for speed, bf16
+weights, a static KV cache and the forward pass compiled by `torch.compile`
+(mode 'reduce-overhead': CUDA graphs), greedy.
 """
 import statistics
 import time
@@ -10,16 +13,22 @@ import time
 import torch
 import transformers
 
+from experiments.peers.torch_generate import GenerateTimer
 
-def benchmark(config, num_steps: int, warmup: int) -> dict:
+
+def llama_config(config, max_positions: int) -> transformers.LlamaConfig:
   model_config = config.model
-  llama_config = transformers.LlamaConfig(
+  llama = transformers.LlamaConfig(
       vocab_size=model_config.vocab_size, hidden_size=model_config.dim, intermediate_size=model_config.mlp_dim,
       num_hidden_layers=model_config.num_layers, num_attention_heads=model_config.num_heads,
       num_key_value_heads=model_config.num_kv_heads or model_config.num_heads,
-      max_position_embeddings=config.seq_len, tie_word_embeddings=model_config.tie_embeddings)
-  llama_config._attn_implementation = 'sdpa'
-  model = transformers.LlamaForCausalLM(llama_config).cuda()
+      max_position_embeddings=max_positions, tie_word_embeddings=model_config.tie_embeddings)
+  llama._attn_implementation = 'sdpa'
+  return llama
+
+
+def benchmark(config, num_steps: int, warmup: int) -> dict:
+  model = transformers.LlamaForCausalLM(llama_config(config, config.seq_len)).cuda()
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.learning_rate,
                                 weight_decay=config.optimizer.weight_decay, fused=True)
   tokens = torch.randint(0, 256, (config.batch_size, config.seq_len + 1), device='cuda')
@@ -50,3 +59,11 @@ def benchmark(config, num_steps: int, warmup: int) -> dict:
               step_s=step_s, tokens_per_s=config.batch_size * config.seq_len / step_s,
               params=sum(p.numel() for p in model.parameters()), peak_memory_bytes=torch.cuda.max_memory_allocated(),
               final_loss=float(loss))
+
+
+def decode_peer(config, max_context: int) -> GenerateTimer:
+  """`LlamaForCausalLM.generate` with a static cache and the compiled forward, on the GPU."""
+  model = transformers.LlamaForCausalLM(llama_config(config, max_context)).to('cuda', torch.bfloat16).eval()
+  model.forward = torch.compile(model.forward, mode='reduce-overhead', fullgraph=True)
+  return GenerateTimer('transformers Llama generate, static cache, torch.compile reduce-overhead, bf16', model,
+                       cache_implementation='static')

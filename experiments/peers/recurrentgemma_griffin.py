@@ -1,4 +1,5 @@
-"""recurrentgemma's JAX Griffin (Flax Linen) trained at our config's shape: the Griffin peer.
+"""recurrentgemma's JAX Griffin (Flax Linen) at our config's shape: the Griffin peer, in training
+(`benchmark`) and in decoding with its own Sampler (`DecodePeer`).
 
 Same batch of synthetic packed rows, bf16 compute with float32 parameters, AdamW
 (optax), one jitted step with the state donated. Its local attention sees
@@ -10,10 +11,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import optax
 import recurrentgemma.jax as rg
 
 from trainers.measure import synthetic_batch
+from trainers.measure_decode import program_bytes
 
 
 def reference_config(model) -> rg.GriffinConfig:
@@ -61,3 +64,75 @@ def benchmark(config, num_steps: int, warmup: int) -> dict:
               tokens_per_s=config.batch_size * config.seq_len / step_s,
               params=sum(x.size for x in jax.tree.leaves(params)), peak_memory_bytes=memory.get('peak_bytes_in_use'),
               final_loss=float(loss))
+
+
+class _TokenIds:
+  """The two ids recurrentgemma's Sampler reads from its vocabulary (it never stops early here)."""
+
+  def pad_id(self) -> int:
+    return 0
+
+  def eos_id(self) -> int:
+    return 1
+
+
+def decode_peer(config, max_context: int) -> 'SamplerTimer':
+  del max_context  # recurrentgemma's caches are sized by its window
+  return SamplerTimer(config)
+
+
+class SamplerTimer:
+  """recurrentgemma's own Sampler at our config's shape: its jitted prompt processing, then its jitted
+  sampling while_loop, greedy, bf16 parameters (ours are cast to bf16 inside the sampler's call)."""
+
+  name = 'recurrentgemma Sampler (JAX: prompt processing + sampling while_loop), bf16'
+
+  def __init__(self, config):
+    # Its run-time type checks (jaxtyping + typeguard) refuse the abstract arrays of ahead-of-time
+    # compilation; they check only while tracing, so the compiled programs are the same without them.
+    jaxtyping.config.update('jaxtyping_disable', True)
+    self.griffin = rg.Griffin(reference_config(config.model), dtype=jnp.dtype(config.model.dtype),
+                              param_dtype=jnp.float32)
+    init_tokens = jnp.zeros((1, 8), jnp.int32)
+    params = jax.jit(self.griffin.init)(jax.random.key(0), init_tokens, jnp.arange(8)[None])['params']
+    self.params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    self.sampler = rg.Sampler(model=self.griffin, vocab=_TokenIds(), params=self.params)
+    self.compiled = {}
+
+  def _programs(self, context: int, batch: int, new_tokens: int):
+    """The compiled prompt-processing and sampling functions for one shape, and their peak bytes."""
+    key = (context, batch, new_tokens)
+    if key not in self.compiled:
+      tokens, lengths = self._prompt(context, batch, new_tokens)
+      prompt_fn = self.sampler._compiled_prompt_processing_fn.lower(
+          self.params, tokens, None, lengths, 1 + new_tokens, False, False).compile()
+      state = jax.eval_shape(lambda: self.sampler._prompt_processing_fn(
+          self.params, tokens, None, lengths, 1 + new_tokens, False, False))
+      sample_fn = self.sampler._compiled_sample_fn.lower(self.params, state, False).compile()
+      self.compiled[key] = prompt_fn, sample_fn, max(program_bytes(prompt_fn), program_bytes(sample_fn))
+    return self.compiled[key]
+
+  @staticmethod
+  def _prompt(context: int, batch: int, new_tokens: int):
+    prompt_len = context - new_tokens - 1
+    tokens = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, 256, jnp.int32)
+    return tokens, jnp.full((batch,), prompt_len, jnp.int32)
+
+  def decode_bytes(self, context: int, batch: int, new_tokens: int) -> int:
+    return self._programs(context, batch, new_tokens)[2]
+
+  def decode_point(self, context: int, batch: int, new_tokens: int, repeats: int) -> dict:
+    prompt_fn, sample_fn, peak_bytes = self._programs(context, batch, new_tokens)
+    prefill_times, decode_times = [], []
+    for i in range(1 + repeats):  # the first round untimed
+      tokens, lengths = self._prompt(context, batch, new_tokens)  # donated by the sampler: new each call
+      start = time.perf_counter()
+      state = jax.block_until_ready(prompt_fn(self.params, tokens, None, lengths))
+      prefill_s = time.perf_counter() - start
+      start = time.perf_counter()
+      jax.block_until_ready(sample_fn(self.params, state))
+      if i:
+        prefill_times.append(prefill_s)
+        decode_times.append((time.perf_counter() - start) / new_tokens)
+    return dict(prefill_s=statistics.median(prefill_times), decode_s_per_token=statistics.median(decode_times),
+                program_bytes=peak_bytes)
