@@ -1,7 +1,7 @@
 """Keeps the binaries' logs readable: this project's INFO lines, only warnings
-and errors from libraries (orbax and tfds log every save and read), no tfds
-progress bars (their carriage returns garble saved logs), and no TPU probe on a
-machine without accelerators (below)."""
+and errors from libraries (orbax and tfds log every save and read), and no TPU
+probe on a machine without accelerators (below). (tfds progress bars are
+turned off where a corpus is built: trainers/data/local_text.py.)"""
 import glob
 import logging as py_logging
 import os
@@ -42,5 +42,3 @@ def quiet_library_logs() -> None:
   """Everything this module's docstring lists; call it first in a binary's main."""
   logging.get_absl_handler().addFilter(_keep)
   skip_tpu_probe_without_accelerators()
-  import tensorflow_datasets as tfds  # the binaries load it anyway (the data pipeline)
-  tfds.disable_progress_bar()
