@@ -55,7 +55,7 @@ def main(argv):
   prompts = [tokenizer.encode(p) for p in _PROMPTS.value]
   outputs = generate(model, prompts, _MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                      top_p=_TOP_P.value, eos_id=tokenizer.eos_id, seed=_SEED.value,
-                     cache_dtype=jax.numpy.dtype(config.model.dtype))
+                     cache_dtype=jax.numpy.dtype(config.model.dtype), prefill_chunk=config.get('prefill_chunk', 0))
   for prompt, tokens in zip(_PROMPTS.value, outputs):
     print(f'--- {prompt!r}\n{prompt}{tokenizer.decode(tokens)}\n')
 
