@@ -53,7 +53,8 @@ _NUM_DEVICES = flags.DEFINE_integer('num_devices', None, 'Train mode: use the fi
 _CONTEXTS = flags.DEFINE_list('contexts', ['4096', '32768', '131072'], 'Decode: context lengths (prompt + new tokens).')
 _DECODE_BATCH = flags.DEFINE_list('decode_batch', ['1'], 'Decode: batch sizes (sequences decoded together).')
 _MAX_BATCH = flags.DEFINE_bool('max_batch', False, 'Decode: also the largest batch that fits at each context.')
-_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Decode: tokens generated after the prompt (timed).')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 128, 'Decode: tokens generated after the prompt (0: prefill only).')
+_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False, 'Decode: compile and report memory and fit, run nothing.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Decode: timed calls per measurement (median).')
 _OP = flags.DEFINE_enum('op', 'wkv', sorted(OPERATORS), 'Op mode: the operator.')
 _OP_SHAPE = flags.DEFINE_list('op_shape', ['8', '2048', '16', '64'], 'Op mode: batch, length, heads, head dim.')
@@ -78,7 +79,8 @@ def _decode_results() -> dict:
   if _PEER.value:  # first: a PyTorch peer gives its memory back when done, JAX's pool keeps what it took
     peer = benchmark_decode_peer(config, contexts, batches, _NEW_TOKENS.value, _REPEATS.value, _MAX_BATCH.value)
   results = benchmark_decode(config, contexts, batches, _NEW_TOKENS.value, max_batch=_MAX_BATCH.value,
-                             prefill_chunk=config.get('prefill_chunk', 0), repeats=_REPEATS.value)
+                             prefill_chunk=config.get('prefill_chunk', 0), repeats=_REPEATS.value,
+                             compile_only=_COMPILE_ONLY.value)
   if peer is not None:
     with_peer_ratios(results['results'], peer)
     results['peer'] = peer

@@ -4,7 +4,7 @@ For each context C and batch size B, prompts of C - n tokens (one document of ra
 row, random weights) go through `sampling.generate_tokens`, compiled once with room for 1 + n new
 tokens (greedy). Its traced count of new tokens lets the same program run twice:
 
-  prefill_s           the call that prefills the prompt and samples 1 token
+  prefill_s           the call that prefills the prompt and samples 1 token (n = 0: all that is timed)
   decode_s_per_token  (the call with 1 + n new tokens - the call with 1) / n: the while loop's step
   decode_tokens_per_s B / decode_s_per_token
   program_bytes       the compiled call's arguments + outputs + temporaries (what it needs at its peak)
@@ -109,15 +109,22 @@ def check_fits(need: int, limit: int | None, what: str) -> None:
 
 
 def measure_point(program: DecodeProgram, model, batch: int, context: int, new_tokens: int, repeats: int,
-                  limit: int | None) -> dict:
+                  limit: int | None, compile_only: bool = False) -> dict:
+  """One context and batch: its program's bytes, and unless `compile_only` its timings (new_tokens = 0:
+  the prefill alone)."""
+  result = dict(context=context, batch=batch, compile_s=program.compile_s, program_bytes=program.bytes,
+                cache_bytes=model.cache_bytes(batch, context, program.cache_dtype),
+                fits=limit is None or program.bytes <= limit)
+  if compile_only:
+    logging.info('decode %s', result)
+    return result
   check_fits(program.bytes, limit, f'batch {batch} at context {context}')
-  prefill_s = program.seconds(1, repeats)
-  total_s = program.seconds(1 + new_tokens, repeats)
-  per_token = max(total_s - prefill_s, 0.0) / new_tokens
-  result = dict(context=context, batch=batch, prefill_s=prefill_s, decode_s_per_token=per_token,
-                decode_ms_per_token=per_token * 1e3, decode_tokens_per_s=batch / per_token if per_token else None,
-                prefill_tokens_per_s=batch * (context - new_tokens - 1) / prefill_s, compile_s=program.compile_s,
-                program_bytes=program.bytes, cache_bytes=model.cache_bytes(batch, context, program.cache_dtype))
+  result['prefill_s'] = prefill_s = program.seconds(1, repeats)
+  result['prefill_tokens_per_s'] = batch * (context - new_tokens - 1) / prefill_s
+  if new_tokens:
+    per_token = max(program.seconds(1 + new_tokens, repeats) - prefill_s, 0.0) / new_tokens
+    result.update(decode_s_per_token=per_token, decode_ms_per_token=per_token * 1e3,
+                  decode_tokens_per_s=batch / per_token if per_token else None)
   memory = jax.devices()[0].memory_stats() or {}
   result['device_peak_bytes'] = memory.get('peak_bytes_in_use')
   logging.info('decode %s', {k: round(v, 6) if isinstance(v, float) else v for k, v in result.items()})
@@ -144,14 +151,16 @@ def largest_batch(bytes_at: Callable[[int], float], limit: int, what: str, tries
 
 
 def benchmark_decode(config, contexts: list[int], batches: list[int], new_tokens: int, *, max_batch: bool = False,
-                     prefill_chunk: int = 0, repeats: int = 3, memory_limit: int | None = None) -> dict:
+                     prefill_chunk: int = 0, repeats: int = 3, memory_limit: int | None = None,
+                     compile_only: bool = False) -> dict:
   """Prefill and decode of the sampler's jitted loop at each context (prompt + new tokens) and batch.
 
-  `max_batch`: also the largest batch that fits at each context. `memory_limit`: bytes a program may
-  use (default: from the device; None on CPU).
+  `new_tokens` = 0: the prefill alone. `max_batch`: also the largest batch that fits at each context.
+  `memory_limit`: bytes a program may use (default: from the device; None on CPU). `compile_only`: the
+  programs' bytes and whether they fit, nothing run.
   """
-  if new_tokens < 1:
-    raise ValueError(f'new_tokens={new_tokens}: must be >= 1')
+  if new_tokens < 0:
+    raise ValueError(f'new_tokens={new_tokens}: must be >= 0 (0: the prefill alone)')
   for context in contexts:
     if context <= new_tokens + 1:
       raise ValueError(f'context {context} must exceed the {new_tokens + 1} generated tokens')
@@ -173,7 +182,7 @@ def benchmark_decode(config, contexts: list[int], batches: list[int], new_tokens
     sizes = list(batches) + ([largest_batch(lambda b: program(b).bytes, limit, f'context {context}')]
                              if max_batch else [])
     for batch in dict.fromkeys(sizes):
-      results.append(measure_point(program(batch), model, batch, context, new_tokens, repeats, limit))
+      results.append(measure_point(program(batch), model, batch, context, new_tokens, repeats, limit, compile_only))
       results[-1]['largest_batch'] = max_batch and batch == sizes[-1]
   return dict(model=config.model.to_dict(), new_tokens=new_tokens, prefill_chunk=prefill_chunk,
               device_kind=jax.devices()[0].device_kind, memory_limit_bytes=limit, results=results)
