@@ -28,6 +28,13 @@ from flax import nnx
 from layers.documents import Cursor
 
 
+# XLA's GPU pipeline rewrites a dot with a vector operand below 10M elements (every projection of a
+# batch-1 decode step) into a multiply and a column reduction; for wide projections the GEMM library's
+# matrix-vector product is faster. The families whose batch-1 decode measured faster without the
+# rewrite use these options (docs/performance.md, "Inference"); other platforms have no such pass.
+DECODE_GEMV_OPTIONS = {'xla_disable_hlo_passes': 'dot-strength-reduction'}
+
+
 class ConfigError(ValueError):
   """A model config field is wrong; the message names the field."""
 
@@ -115,6 +122,9 @@ class SequenceModel(nnx.Module):
   # row's token index, so padding moves the window boundaries): the sampler then decodes prompts
   # of different lengths in separate batches.
   left_padding_invariant: ClassVar[bool] = True
+  # XLA options for the sampler's generation program (trainers/sampling.generation_program); see
+  # DECODE_GEMV_OPTIONS for the one families use.
+  decode_compiler_options: ClassVar[dict[str, str]] = {}
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     raise NotImplementedError

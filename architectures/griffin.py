@@ -32,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from architectures import registry
-from architectures.base import ModelCache, ModelConfig, SequenceModel, mean_visible_keys, stack_layer_caches
+from architectures.base import (DECODE_GEMV_OPTIONS, ModelCache, ModelConfig, SequenceModel, mean_visible_keys,
+                                stack_layer_caches)
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
 from layers.conv1d import CausalConv1D, ConvState
@@ -209,6 +210,7 @@ class BlockGroup(nnx.Module):
 @registry.register('griffin')
 class Griffin(SequenceModel):
   Config = GriffinConfig
+  decode_compiler_options = DECODE_GEMV_OPTIONS
 
   def __init__(self, config: GriffinConfig, *, rngs: nnx.Rngs):
     self.config = cfg = config

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from architectures import registry
-from architectures.base import (AttentionHeads, ModelCache, ModelConfig, SequenceModel, mean_visible_keys,
-                                stack_layer_caches)
+from architectures.base import (DECODE_GEMV_OPTIONS, AttentionHeads, ModelCache, ModelConfig, SequenceModel,
+                                mean_visible_keys, stack_layer_caches)
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
 from layers.documents import Cursor, locate
@@ -92,6 +92,7 @@ def residual_init_scale(cfg: TransformerConfig) -> float:
 @registry.register('transformer')
 class Transformer(SequenceModel):
   Config = TransformerConfig
+  decode_compiler_options = DECODE_GEMV_OPTIONS
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config

@@ -1,7 +1,7 @@
 """Inference speed and memory as users run it: the sampler's one jitted generation call.
 
 For each context C and batch size B, prompts of C - n tokens (one document of random bytes per
-row, random weights) go through `sampling.generate_tokens`, compiled once with room for 1 + n new
+row, random weights) go through `sampling.generation_program`, compiled once with room for 1 + n new
 tokens (greedy). Its traced count of new tokens lets the same program run twice:
 
   prefill_s           the call that prefills the prompt and samples 1 token (n = 0: all that is timed)
@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 
 import architectures
-from trainers.sampling import generate_tokens
+from trainers.sampling import generation_program
 
 MEMORY_HEADROOM = 0.92  # of the device's bytes_limit a program may plan to use (allocator slack)
 
@@ -73,7 +73,7 @@ def device_memory_limit(device: jax.Device) -> int | None:
 
 
 class DecodeProgram:
-  """`generate_tokens` for one model, prompt length and batch, compiled; times its calls."""
+  """The sampler's generation for one model, prompt length and batch, compiled; times its calls."""
 
   def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, config, batch: int, prompt_len: int,
                new_tokens: int, prefill_chunk: int):
@@ -83,8 +83,9 @@ class DecodeProgram:
     options = dict(max_new_tokens=1 + new_tokens, temperature=0.0, top_k=0, top_p=1.0, eos_id=None,
                    cache_dtype=self.cache_dtype, prefill_chunk=prefill_chunk)
     start = time.perf_counter()
-    self.compiled = generate_tokens.lower(graphdef, params, self.tokens, self.positions, jax.random.key(0),
-                                          jnp.int32(1), **options).compile()
+    program = generation_program(nnx.merge(graphdef, params))
+    self.compiled = program.lower(graphdef, params, self.tokens, self.positions, jax.random.key(0), jnp.int32(1),
+                                  **options).compile()
     self.compile_s = time.perf_counter() - start
     self.bytes = program_bytes(self.compiled)
 

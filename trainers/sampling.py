@@ -9,7 +9,7 @@ generation. Inside that function the matmul weights are cast once to the
 compute dtype they are used in, so a decode step reads bf16 weights.
 """
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,14 +64,24 @@ def cast_matmul_weights(model: SequenceModel) -> None:
       weight.set_value(weight[...].astype(module.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
-                                             'eos_id', 'cache_dtype', 'prefill_chunk'))
+def generation_program(model: SequenceModel) -> Callable[..., jax.Array]:
+  """`generate_tokens` jitted with the compiler options of `model`'s family (decode_compiler_options)."""
+  return _jitted_generation(tuple(sorted(model.decode_compiler_options.items())))
+
+
+@functools.cache
+def _jitted_generation(compiler_options: tuple[tuple[str, str], ...]) -> Callable[..., jax.Array]:
+  return jax.jit(generate_tokens, compiler_options=dict(compiler_options) or None,
+                 static_argnames=('graphdef', 'max_new_tokens', 'temperature', 'top_k', 'top_p', 'eos_id',
+                                  'cache_dtype', 'prefill_chunk'))
+
+
 def generate_tokens(graphdef, state, tokens: jax.Array, positions: jax.Array, key: jax.Array,
                     num_new_tokens: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                     eos_id: int | None, cache_dtype, prefill_chunk: int = 0) -> jax.Array:
-  """The whole generation as one jitted call: prompts [B, P] (left-padded) -> new tokens [B, N], -1 after
-  `eos_id` or past `num_new_tokens` (an int32 scalar <= N = max_new_tokens: one compiled program serves
-  any count up to N; the benchmark times 1 and 1 + n new tokens with it)."""
+  """The whole generation, to be jitted as one call (generation_program): prompts [B, P] (left-padded) ->
+  new tokens [B, N], -1 after `eos_id` or past `num_new_tokens` (an int32 scalar <= N = max_new_tokens:
+  one compiled program serves any count up to N; the benchmark times 1 and 1 + n new tokens with it)."""
   model = nnx.merge(graphdef, state)
   cast_matmul_weights(model)
   batch, prompt_len = tokens.shape
@@ -116,8 +126,9 @@ def generate(model: SequenceModel, prompts: Sequence[Sequence[int]], max_new_tok
     return [by_length[len(p)].pop(0) for p in prompts]
   tokens, positions = left_pad(prompts)
   graphdef, state = nnx.split(model)
-  out = np.asarray(generate_tokens(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed),
-                                   jnp.int32(max_new_tokens), max_new_tokens=max_new_tokens,
-                                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                                   eos_id=eos_id, cache_dtype=jnp.dtype(cache_dtype), prefill_chunk=int(prefill_chunk)))
+  program = generation_program(model)
+  out = np.asarray(program(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jax.random.key(seed),
+                           jnp.int32(max_new_tokens), max_new_tokens=max_new_tokens, temperature=float(temperature),
+                           top_k=int(top_k), top_p=float(top_p), eos_id=eos_id, cache_dtype=jnp.dtype(cache_dtype),
+                           prefill_chunk=int(prefill_chunk)))
   return [row[row >= 0] for row in out]

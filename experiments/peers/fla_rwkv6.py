@@ -52,4 +52,4 @@ def decode_peer(config, max_context: int) -> GenerateTimer:
                      gate_low_rank_dim=model.decay_lora_rank, vocab_size=model.vocab_size,
                      max_position_embeddings=max_context, fuse_cross_entropy=False)
   return GenerateTimer('flash-linear-attention RWKV6ForCausalLM.generate (Triton), bf16',
-                       RWKV6ForCausalLM(rwkv).to('cuda', torch.bfloat16).eval(), use_cache=True)
+                       RWKV6ForCausalLM(rwkv).to('cuda', torch.bfloat16).eval())

@@ -102,6 +102,14 @@ class SamplerTimer:
   def _programs(self, context: int, batch: int, new_tokens: int):
     """The compiled prompt-processing and sampling functions for one shape, and their peak bytes."""
     key = (context, batch, new_tokens)
+    try:
+      return self._compile(key, context, batch, new_tokens)
+    except jax.errors.JaxRuntimeError as e:  # its [T, T] attention scores did not fit, or their autotuning
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      raise MemoryError(f'{self.name} ran out of memory at batch {batch}, context {context}') from e
+
+  def _compile(self, key, context: int, batch: int, new_tokens: int):
     if key not in self.compiled:
       tokens, lengths = self._prompt(context, batch, new_tokens)
       prompt_fn = self.sampler._compiled_prompt_processing_fn.lower(
@@ -123,6 +131,15 @@ class SamplerTimer:
 
   def decode_point(self, context: int, batch: int, new_tokens: int, repeats: int) -> dict:
     prompt_fn, sample_fn, peak_bytes = self._programs(context, batch, new_tokens)
+    try:
+      return self._time(prompt_fn, sample_fn, peak_bytes, context, batch, new_tokens, repeats)
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      raise MemoryError(f'{self.name} ran out of memory at batch {batch}, context {context}') from e
+
+  def _time(self, prompt_fn, sample_fn, peak_bytes: int, context: int, batch: int, new_tokens: int,
+            repeats: int) -> dict:
     prefill_times, decode_times = [], []
     for i in range(1 + repeats):  # the first round untimed
       tokens, lengths = self._prompt(context, batch, new_tokens)  # donated by the sampler: new each call

@@ -11,16 +11,22 @@ import torch
 
 
 class GenerateTimer:
+  """`static_cache`: every call of one context and batch reuses one StaticCache of the whole context (reset
+  first), so generate compiles its forward (transformers' automatic torch.compile of static caches) once."""
 
-  def __init__(self, name: str, model: torch.nn.Module, **generate_kwargs):
-    self.name, self.model, self.generate_kwargs = name, model, generate_kwargs
+  def __init__(self, name: str, model: torch.nn.Module, static_cache: bool = False):
+    self.name, self.model, self.static_cache = name, model, static_cache
 
-  def _seconds(self, input_ids: torch.Tensor, new_tokens: int) -> float:
+  def _seconds(self, input_ids: torch.Tensor, new_tokens: int, cache) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.inference_mode():
+      extra = {}
+      if cache is not None:
+        cache.reset()
+        extra['past_key_values'] = cache
       self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **self.generate_kwargs)
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **extra)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -28,10 +34,14 @@ class GenerateTimer:
     input_ids = torch.randint(0, 256, (batch, context - new_tokens - 1), device='cuda')
     torch.cuda.reset_peak_memory_stats()
     try:
+      cache = None
+      if self.static_cache:
+        from transformers import StaticCache
+        cache = StaticCache(config=self.model.config, max_cache_len=context)
       for n in (1, 1 + new_tokens):
-        self._seconds(input_ids, n)
-      prefill_s = statistics.median(self._seconds(input_ids, 1) for _ in range(repeats))
-      total_s = statistics.median(self._seconds(input_ids, 1 + new_tokens) for _ in range(repeats))
+        self._seconds(input_ids, n, cache)
+      prefill_s = statistics.median(self._seconds(input_ids, 1, cache) for _ in range(repeats))
+      total_s = statistics.median(self._seconds(input_ids, 1 + new_tokens, cache) for _ in range(repeats))
     except torch.cuda.OutOfMemoryError as e:
       torch.cuda.empty_cache()
       raise MemoryError(f'{self.name} ran out of memory at batch {batch}, context {context}') from e
