@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 import jax
 
+from experiments import flag_parsing
 from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer, with_peer_ratios
 from trainers.logs import quiet_library_logs
 from trainers.measure import benchmark_train_step
@@ -113,4 +114,4 @@ def main(argv):
 if __name__ == '__main__':
   flags.register_validator('config', lambda c: c is not None or _MODE.value == 'op',
                            '--config is required except with --mode=op')
-  app.run(main)
+  flag_parsing.run(main)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from experiments import compare_plots
+from experiments import compare_plots, flag_parsing
 from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
 from trainers.logs import quiet_library_logs
@@ -113,4 +113,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  flag_parsing.run(main)

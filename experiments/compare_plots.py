@@ -8,7 +8,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _plot(path: str, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], *,
+def line_plot(path: str, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], *,
           logx: bool = False, logy: bool = False) -> None:
   figure, axes = plt.subplots(figsize=(7, 4.5))
   colors = plt.get_cmap('tab20').colors  # 20 distinct colours: no two families share one
@@ -29,16 +29,16 @@ def _plot(path: str, title: str, xlabel: str, ylabel: str, series: dict[str, tup
 def write_all(results: list[dict], workdir: str) -> list[str]:
   """Writes the four plots into workdir; returns their paths."""
   paths = [os.path.join(workdir, f'compare_{n}.png') for n in ('loss', 'loss_by_context', 'cache', 'decode')]
-  _plot(paths[0], 'Training loss', 'step', 'loss (nats/token)',
+  line_plot(paths[0], 'Training loss', 'step', 'loss (nats/token)',
         {r['name']: tuple(zip(*r['curve'])) for r in results})
-  _plot(paths[1], 'Held-out loss by context length (longest evaluation rows)', 'tokens of context',
+  line_plot(paths[1], 'Held-out loss by context length (longest evaluation rows)', 'tokens of context',
         'loss (nats/token)', {r['name']: ([b['first'] for b in r['longest_context']['loss_by_position']],
                                           [b['loss'] for b in r['longest_context']['loss_by_position']])
                               for r in results}, logx=True)
-  _plot(paths[2], 'Decode cache (bf16, batch 1)', 'context length', 'bytes',
+  line_plot(paths[2], 'Decode cache (bf16, batch 1)', 'context length', 'bytes',
         {r['name']: ([int(c) for c in r['cache_bytes']], list(r['cache_bytes'].values())) for r in results},
         logx=True, logy=True)
-  _plot(paths[3], 'Per-token decode time', 'context length', 'seconds per token',
+  line_plot(paths[3], 'Per-token decode time', 'context length', 'seconds per token',
         {r['name']: ([d['context'] for d in r['decode']], [d['decode_s_per_token'] for d in r['decode']])
          for r in results}, logx=True)
   return paths

@@ -15,6 +15,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for TPU; nothing runs h
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import flag_parsing  # noqa: E402
 from trainers.logs import quiet_library_logs  # noqa: E402
 from trainers.tpu_compile import compile_report, largest_batch  # noqa: E402
 
@@ -40,4 +41,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  flag_parsing.run(main)

@@ -1,14 +1,7 @@
-"""Flags and flag parsing shared by the binaries: joining a multi-host run (see
-trainers/distributed.py), and `run`, absl's app.run with a flag parser that
-reports an override of an unknown config field in one line."""
-import re
-import sys
-from collections.abc import Callable
-
-from absl import app, flags
+"""Flags shared by the binaries for joining a multi-host run (see trainers/distributed.py)."""
+from absl import flags
 
 from trainers import distributed
-from trainers.config_validation import unknown_field
 
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Join a multi-host run (jax.distributed.initialize). Without the three flags '
@@ -21,35 +14,3 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_p
 def maybe_initialize() -> None:
   if _DISTRIBUTED.value:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-
-
-def _unknown_override(argv: list[str]) -> str | None:
-  """The first `--config.<field>` of argv that the `--config` file does not define, as a message."""
-  config_file = next((argv[i + 1] if arg in ('--config', '-config') and i + 1 < len(argv) else arg.split('=', 1)[1]
-                      for i, arg in enumerate(argv) if re.match(r'^--?config(=|$)', arg)), None)
-  if config_file is None:
-    return None
-  config = flags.FLAGS['config'].parser.parse(config_file)
-  for arg in argv:
-    if match := re.match(r'^--?config\.([\w.]+)(=|$)', arg):
-      if problem := unknown_field(config, match.group(1)):
-        return problem
-  return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser; an override of a field the config lacks (ml_collections raises AttributeError or KeyError
-  from deep inside, a 55-line chained traceback) exits with one line naming the field and the known ones."""
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError):
-    problem = _unknown_override(argv)
-    if problem is None:
-      raise
-    sys.stderr.write(f'FATAL Flags parsing error: {problem}\n')
-    sys.exit(1)
-
-
-def run(main: Callable[[list[str]], None]) -> None:
-  """app.run(main) with `parse_flags`."""
-  app.run(main, flags_parser=parse_flags)

@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import distributed_flags
+from experiments import distributed_flags, flag_parsing
 
 from trainers.evaluator import evaluate_checkpoint, write_results
 from trainers.logs import quiet_library_logs
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  distributed_flags.run(main)
+  flag_parsing.run(main)

@@ -13,7 +13,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from experiments import distributed_flags
+from experiments import distributed_flags, flag_parsing
 from trainers.checkpoints import Checkpointer
 from trainers.experiment import Experiment
 from trainers.logs import quiet_library_logs
@@ -61,4 +61,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  distributed_flags.run(main)
+  flag_parsing.run(main)

@@ -8,7 +8,7 @@ DIR/earlier_runs/<k>/ (a DIR whose checkpoints are all corrupt needs it).
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import distributed_flags
+from experiments import distributed_flags, flag_parsing
 
 from trainers.logs import quiet_library_logs
 from trainers.train_loop import train
@@ -29,4 +29,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  distributed_flags.run(main)
+  flag_parsing.run(main)

@@ -19,7 +19,8 @@ import pytest
 from trainers.checkpoints import Checkpointer, CorruptCheckpointError, StateMismatchError
 from trainers.experiment import Experiment
 from trainers.logs import has_accelerator
-from trainers.run_config import EarlierRunError, WorkdirMismatchError, record_or_check
+from trainers.run_config import WorkdirMismatchError, record_or_check
+from trainers.run_history import EarlierRunError
 from trainers.train_loop import NonFiniteError, train
 from tests.helpers import family_tiny_config, tiny_experiment
 
@@ -210,9 +211,9 @@ def test_no_usable_checkpoint_refuses_to_start_over(straight, tmp_path, data_dir
 @pytest.mark.fault('a workdir whose metrics.jsonl has records but no checkpoint (a run killed before its first save)',
                    'the new start moves that history to earlier_runs/1/ with a warning; never truncates it')
 def test_metrics_without_a_checkpoint_are_kept(tmp_path):
-  from trainers import run_config
+  from trainers import run_history
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n')
-  run_config.before_fresh_start(str(tmp_path), corrupt=[])
+  run_history.before_fresh_start(str(tmp_path), corrupt=[])
   assert not (tmp_path / 'metrics.jsonl').exists()
   assert logged_steps(tmp_path / 'earlier_runs' / '1') == [1, 2]
 

@@ -14,7 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from trainers import data, run_config, steps, train_state
+from trainers import data, run_config, run_history, steps, train_state
 from trainers.checkpoints import Checkpointer
 from trainers.evaluator import Evaluator
 from trainers.experiment import Experiment
@@ -56,10 +56,10 @@ class NonFiniteError(FloatingPointError):
 
 def _restore_or_init(exp: Experiment, checkpointer: Checkpointer, iterator, workdir: str) -> train_state.TrainState:
   """The last usable checkpoint's state (and data position), or a new model if there is none (and no earlier
-  run's history would be started over; see run_config.before_fresh_start)."""
+  run's history would be started over; see run_history.before_fresh_start)."""
   restored = checkpointer.restore_latest(exp.restore_target())
   if restored is None:
-    run_config.before_fresh_start(workdir, checkpointer.set_aside())
+    run_history.before_fresh_start(workdir, checkpointer.set_aside())
     logging.info('initialised a new model')
     return exp.new_state()
   step, state, data_state = restored
@@ -83,7 +83,7 @@ def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None, resta
   `stop_at` ends this call early at that step with a checkpoint (the schedule
   still runs to config.total_steps); a later call continues from there.
   `restart` starts a new run, moving the workdir's earlier run (if any) to
-  `earlier_runs/<k>/` (see trainers/run_config.py). A workdir this call
+  `earlier_runs/<k>/` (see trainers/run_history.py). A workdir this call
   created is removed again if it fails before writing a checkpoint or a metric.
   """
   created = not os.path.exists(workdir)
@@ -91,14 +91,14 @@ def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None, resta
     return _train(config, workdir, stop_at, restart)
   except BaseException:
     if created:
-      run_config.remove_if_unused(workdir)
+      run_history.remove_if_unused(workdir)
     raise
 
 
 def _train(config: ConfigDict, workdir: str, stop_at: int | None, restart: bool) -> dict:
   exp = Experiment.build(config)
   if restart:
-    run_config.set_aside_earlier_run(workdir)
+    run_history.set_aside_earlier_run(workdir)
   run_config.record_or_check(config, workdir)
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
                               keep=config.get('keep_checkpoints', 3))
