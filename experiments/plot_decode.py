@@ -24,8 +24,8 @@ def throughput_by_context(result: dict) -> tuple[list[int], list[float]]:
   for row in result['results']:
     if not row.get('decode_tokens_per_s'):
       continue
-    current = best.get(row['context'])
-    if current is None or (row.get('largest_batch'), row['batch']) > (current.get('largest_batch'), current['batch']):
+    rank = lambda r: (bool(r.get('largest_batch')), r['batch'])
+    if row['context'] not in best or rank(row) > rank(best[row['context']]):
       best[row['context']] = row
   contexts = sorted(best)
   return contexts, [best[c]['decode_tokens_per_s'] for c in contexts]

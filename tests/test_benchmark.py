@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer
+from experiments.plot_decode import throughput_by_context
 from tests.helpers import tiny_experiment
 from trainers.measure import benchmark_train_step
 from trainers.measure_decode import DoesNotFitError, benchmark_decode
@@ -61,3 +62,10 @@ def test_bad_requests_name_the_problem(data_dir):
     benchmark_peer(config, 1, 1)
   with pytest.raises(ValueError, match="config.model.name='aaren' has no decode peer"):
     benchmark_decode_peer(config, [64], [1], 8, 1, max_batch=False)
+
+
+def test_decode_plot_takes_the_largest_batch_found_at_each_context():
+  rows = [dict(context=4096, batch=1, decode_tokens_per_s=10.0), dict(context=4096, batch=64, decode_tokens_per_s=500.0),
+          dict(context=4096, batch=16, largest_batch=True, decode_tokens_per_s=300.0),
+          dict(context=65536, batch=1, decode_tokens_per_s=8.0), dict(context=131072, batch=1)]  # prefill only
+  assert throughput_by_context({'results': rows}) == ([4096, 65536], [300.0, 8.0])

@@ -16,13 +16,15 @@ from tests.helpers import tiny_experiment
     ({'model.name': 'mamba'}, r"config\.model\.name='mamba': unknown model family"),
     ({'model.vocab_size': 200}, r'config\.model\.vocab_size=200: the byte tokenizer needs at least 257'),
     ({'seq_len': 0}, r'config\.seq_len=0: must be positive'),
+    ({'prefill_chunk': -1}, r'config\.prefill_chunk=-1: must be >= 0'),
     ({'sharding_rules': (('embed', 'fsdp'),)}, r'config\.sharding_rules has no rule for logical axes'),
     ({'mesh': dict(data=4, fsdp=1, tensor=2), 'model.vocab_size': 385},
      r"params\['io'\]\['embed'\]\['table'\].* dimension of 385 .* does not divide over mesh axes \('tensor',\)"),
 ])
 @pytest.mark.fault('a wrong config: unknown family or field, heads not dividing the width, a mesh that does not match '
                    'the devices, a batch not dividing over the data axes, a parameter that does not divide over its '
-                   'mesh axes, a non-positive length', 'ValueError naming the field, raised before anything compiles')
+                   'mesh axes, a non-positive length, a negative prefill chunk',
+                   'ValueError naming the field, raised before anything compiles')
 def test_bad_config_is_named_before_compiling(data_dir, overrides, message, monkeypatch):
   compiled = []
   monkeypatch.setattr(jax, 'jit', lambda *a, **k: compiled.append(a))

@@ -58,6 +58,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> architecture
     _positive(config, field)
   if config.get('on_nonfinite', 'stop') not in ('stop', 'skip'):
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}: must be 'stop' or 'skip'")
+  if config.get('prefill_chunk', 0) < 0:
+    raise ValueError(f'config.prefill_chunk={config.prefill_chunk}: must be >= 0 (0 = the whole prompt in one call)')
   num_devices = jax.device_count() if num_devices is None else num_devices
   shape = partitioning.mesh_shape(config.mesh, num_devices)
 
