@@ -50,8 +50,8 @@ def test_selective_copy_answers_are_the_letters_in_order():
 
 def test_rows_are_deterministic_and_splits_differ(data_dir):
   config = tiny_experiment(data_dir, **{'dataset.name': 'mqar'})
-  first = next(data.make_eval_batches(config, num_batches=1))
-  again = next(data.make_eval_batches(config, num_batches=1))
+  first, = data.make_eval_batches(config, num_batches=1)
+  again, = data.make_eval_batches(config, num_batches=1)
   np.testing.assert_array_equal(first['tokens'], again['tokens'])
   train = data.make_train_iterator(config)
   assert not np.array_equal(next(train)['tokens'], first['tokens'])
