@@ -3,7 +3,8 @@
   python -m experiments.benchmark --config=experiments/configs/transformer.py:150m --output=bench.json
   python -m experiments.benchmark --mode=decode --config=experiments/configs/griffin.py:150m \
       --contexts=4096,32768,131072 --decode_batch=1,16 --max_batch --peer --output=decode.json
-  python -m experiments.benchmark --config=experiments/configs/griffin.py:bench --peer   # + recurrentgemma
+  python -m experiments.benchmark --config=experiments/configs/griffin.py:bench \
+      --peer --docs_per_row=1                                                         # + recurrentgemma
   python -m experiments.benchmark --config=experiments/configs/transformer.py:1b --num_devices=2 \
       --config.mesh.fsdp=2 --config.batch_size=16                                     # FSDP over 2 GPUs
   python -m experiments.benchmark --mode=op --op=wkv --op_shape=8,2048,16,64 --peer  # + fla chunk_rwkv6
@@ -11,8 +12,12 @@
   python -m experiments.benchmark --mode=op --op=rg_lru --op_shape=8,2048,8,128     # fused RG-LRU, W = 1024
 
 `--mode=train`: compile time, the median step time of `--steps` timed steps
-(after `--warmup` untimed ones), tokens/s, MFU (MaxText-style FLOPs against
-the chip's peak bf16 rate) and the device's peak memory.
+(after `--warmup` untimed ones), tokens/s, MFU against the chip's peak bf16
+rate and the device's peak memory, on rows of `--docs_per_row` documents
+(default 4; 1: one document a row). `mfu` counts the work done (each query's
+keys within its own document: cuDNN skips other documents' key blocks),
+`mfu_maxtext` MaxText's formula (full causal attention over each row), with
+their `train_flops_per_token` and `train_flops_per_token_maxtext`.
 `--mode=decode`: what users run, the sampler's one jitted generation call
 (prefill + `--new_tokens` tokens; trainers/measure_decode.py), at each context
 (prompt + new tokens) and batch size: prefill time, decode tokens/s and ms per
@@ -24,7 +29,10 @@ prefilled `config.prefill_chunk` tokens per call (0: at once).
 at `--op_shape` = B,T,H,D (the RG-LRU's width is H x D); no config needed.
 `--peer`: also times the family's peer (experiments/peers) at the same shape
 in the same run, and reports our tokens/s over the peer's (decode: its own
-sampler or `generate`, same contexts and batches).
+sampler or `generate`, same contexts and batches). In train mode the peer must
+do the same work: a peer that attends across documents (the Transformer's) is
+timed at one document a row, so `--peer` needs `--docs_per_row=1` there
+(refused otherwise); the JSON's `peer.docs_per_row` says what the peer ran at.
 `--num_devices`: use the first N devices (default all); the config's mesh must
 cover them. `tokens_per_s_per_device` is what scaling efficiency compares.
 Needs no dataset: rows are random bytes packed as documents of random length.
@@ -38,7 +46,8 @@ from ml_collections import config_flags
 import jax
 
 from experiments import flag_parsing
-from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer, with_peer_ratios
+from experiments.peers import (PEER_MODULES, benchmark_decode_peer, benchmark_operator_peer, benchmark_peer,
+                               peer_docs_per_row, with_peer_ratios)
 from trainers.logs import quiet_library_logs
 from trainers.measure import benchmark_train_step
 from trainers.measure_decode import benchmark_decode
@@ -51,6 +60,8 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON results.'
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'decode', 'op'], 'What to measure.')
 _PEER = flags.DEFINE_bool('peer', False, 'Also time the peer (experiments/peers) in the same run.')
 _NUM_DEVICES = flags.DEFINE_integer('num_devices', None, 'Train mode: use the first N devices (default: all).')
+_DOCS_PER_ROW = flags.DEFINE_integer('docs_per_row', 4, 'Train mode: documents in each synthetic row (1: one a '
+                                     'row, the work of a peer that attends across documents).', lower_bound=1)
 _CONTEXTS = flags.DEFINE_list('contexts', ['4096', '32768', '131072'], 'Decode: context lengths (prompt + new tokens).')
 _DECODE_BATCH = flags.DEFINE_list('decode_batch', ['1'], 'Decode: batch sizes (sequences decoded together).')
 _MAX_BATCH = flags.DEFINE_bool('max_batch', False, 'Decode: also the largest batch that fits at each context.')
@@ -98,10 +109,10 @@ def main(argv):
     results = _operator_results()
   elif _MODE.value == 'train':
     devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
-    results = benchmark_train_step(_CONFIG.value, _STEPS.value, _WARMUP.value, devices)
+    results = benchmark_train_step(_CONFIG.value, _STEPS.value, _WARMUP.value, devices, _DOCS_PER_ROW.value)
     logging.info('%s', json.dumps({k: v for k, v in results.items() if k not in ('step_s_all', 'model')}))
     if _PEER.value:
-      results['peer'] = benchmark_peer(_CONFIG.value, _STEPS.value, _WARMUP.value)
+      results['peer'] = benchmark_peer(_CONFIG.value, _STEPS.value, _WARMUP.value, _DOCS_PER_ROW.value)
       results['ratio_to_peer'] = results['tokens_per_s'] / results['peer']['tokens_per_s']
       logging.info('peer: %s; ours / peer = %.2fx', json.dumps(results['peer']), results['ratio_to_peer'])
   else:
@@ -111,7 +122,22 @@ def main(argv):
       json.dump(results, f, indent=2)
 
 
+def check_peer_work(values: dict) -> bool:
+  """Validator of --mode, --peer and --docs_per_row (and the parsed --config): in train mode, `--peer`
+  only where the peer does our work at `--docs_per_row` (experiments.peers.peer_docs_per_row); one line
+  naming both flags otherwise. (Not a validator of --config itself: absl would print the whole config.)"""
+  config = _CONFIG.value
+  if values['mode'] != 'train' or not values['peer'] or config is None or config.model.name not in PEER_MODULES:
+    return True  # a family without a peer is refused by benchmark_peer, naming the families that have one
+  try:
+    peer_docs_per_row(config.model.name, values['docs_per_row'])
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from None
+  return True
+
+
 if __name__ == '__main__':
   flags.register_validator('config', lambda c: c is not None or _MODE.value == 'op',
                            '--config is required except with --mode=op')
+  flags.register_multi_flags_validator(['mode', 'peer', 'docs_per_row'], check_peer_work)
   flag_parsing.run(main)

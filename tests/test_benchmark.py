@@ -1,17 +1,26 @@
 """experiments/benchmark.py's measurements on CPU: what they report, that its loss curve is the
-same on one device and on a sharded mesh (what the multi-GPU scaling runs compare), the decode
-benchmark's largest batch under a memory budget, and how bad requests are refused. Speed itself
-is measured on the GPU, never asserted here."""
+same on one device and on a sharded mesh (what the multi-GPU scaling runs compare), its rows of
+`docs_per_row` documents and the FLOPs its two MFUs count, the decode benchmark's largest batch
+under a memory budget, and how bad requests are refused. Speed itself is measured on the GPU,
+never asserted here."""
+import os
+import subprocess
+import sys
+import types
+
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer
+from experiments import peers
+from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer, peer_docs_per_row
 from experiments.plot_decode import throughput_by_context
-from tests.helpers import tiny_experiment
-from trainers.measure import benchmark_train_step
+from tests.helpers import REPO, packed_positions, tiny_experiment, tiny_model
+from trainers.measure import benchmark_train_step, document_lengths, synthetic_batch, train_flops_per_token
 from trainers.measure_decode import DoesNotFitError, benchmark_decode
 from trainers.measure_ops import benchmark_operator
+from trainers.steps import split_batch
 
 
 def test_train_benchmark_loss_curve_is_the_same_on_one_device_and_sharded(data_dir):
@@ -24,6 +33,89 @@ def test_train_benchmark_loss_curve_is_the_same_on_one_device_and_sharded(data_d
   np.testing.assert_allclose(two['losses'], one['losses'], rtol=1e-5)
   assert two['tokens_per_s_per_device'] == pytest.approx(two['tokens_per_s'] / 2)
   assert one['tokens_per_s'] == pytest.approx(one['batch_size'] * one['seq_len'] / one['step_s'])
+  # Rows of 4 documents by default: the work done is less than MaxText's full causal attention a row.
+  assert one['docs_per_row'] == 4 and one['train_flops_per_token'] < one['train_flops_per_token_maxtext']
+  assert one['mfu'] is None and one['mfu_maxtext'] is None  # a CPU has no known peak
+
+
+@pytest.mark.parametrize('docs_per_row', [1, 2, 4, 32])
+def test_synthetic_rows_hold_docs_per_row_documents_and_repeat_with_the_seed(docs_per_row):
+  batch = synthetic_batch(8, 32, seed=3, docs_per_row=docs_per_row)
+  assert batch['tokens'].shape == batch['positions'].shape == (8, 33)
+  lengths = document_lengths(split_batch(batch)[1])  # the documents the model sees, in row order
+  assert len(lengths) == 8 * docs_per_row and lengths.min() >= 1
+  np.testing.assert_array_equal(lengths.reshape(8, docs_per_row).sum(axis=1), 32)
+  np.testing.assert_array_equal((batch['positions'] == 0).sum(axis=1), docs_per_row)  # no start on the last target
+  if docs_per_row == 1:
+    np.testing.assert_array_equal(batch['positions'], np.tile(np.arange(33), (8, 1)))
+  if docs_per_row == 4:  # random lengths: the rows differ
+    assert len({tuple(row) for row in lengths.reshape(8, 4)}) > 1
+  again = synthetic_batch(8, 32, seed=3, docs_per_row=docs_per_row)
+  for key in ('tokens', 'positions'):
+    np.testing.assert_array_equal(again[key], batch[key])
+  assert not np.array_equal(synthetic_batch(8, 32, seed=4, docs_per_row=docs_per_row)['tokens'], batch['tokens'])
+  for bad in (0, 33):
+    with pytest.raises(ValueError, match=f'docs_per_row={bad} must be between 1 and seq_len=32'):
+      synthetic_batch(8, 32, docs_per_row=bad)
+
+
+def test_document_lengths_are_recovered_from_positions():
+  np.testing.assert_array_equal(document_lengths(packed_positions([[5, 3, 8], [16], [1, 15]])), [5, 3, 8, 16, 1, 15])
+  np.testing.assert_array_equal(document_lengths(np.array([[3, 4, 5, 0, 1, 2]])), [3, 3])  # a row begun mid-document
+  # A batch's rows hold seq_len + 1 tokens; the model sees the first seq_len: a document whose only
+  # token is the last target is not part of the work.
+  batch = dict(tokens=np.zeros((2, 9), np.int32), positions=np.asarray(packed_positions([[4, 5], [8, 1]])))
+  np.testing.assert_array_equal(document_lengths(split_batch(batch)[1]), [4, 4, 8])
+  with pytest.raises(ValueError, match='padding'):
+    document_lengths(packed_positions([[4], [2]]))
+
+
+def test_mfu_counts_the_attention_within_documents_and_maxtext_the_whole_row():
+  """The benchmark's `mfu` and `mfu_maxtext` are tokens/s x these FLOPs over the peak: at the same step
+  time, mfu <= mfu_maxtext with several documents a row, equal with one."""
+  model, seq_len, heads, head_dim, layers = tiny_model(), 64, 4, 8, 2
+  for docs_per_row in (1, 4):
+    positions = split_batch(synthetic_batch(4, seq_len, seed=1, docs_per_row=docs_per_row))[1]
+    flops = train_flops_per_token(model, seq_len, positions)
+    done, maxtext = flops['train_flops_per_token'], flops['train_flops_per_token_maxtext']
+    assert maxtext == pytest.approx(3 * model.flops_per_token(seq_len))
+    if docs_per_row == 1:
+      assert done == pytest.approx(maxtext)
+      continue
+    assert done < maxtext
+    # The difference is attention alone: 2 x 2 x heads x head_dim a visible key, a query seeing the
+    # earlier keys of its document (l (l + 1) / 2 a document) instead of those of its row.
+    lengths = document_lengths(positions)
+    visible_in_documents = np.sum(lengths * (lengths + 1) / 2) / positions.size
+    attention = 3 * layers * 2 * 2 * heads * head_dim * ((seq_len + 1) / 2 - visible_in_documents)
+    assert maxtext - done == pytest.approx(attention)
+
+
+def test_peer_needs_one_document_a_row_unless_it_takes_the_documents(monkeypatch):
+  assert peer_docs_per_row('transformer', 1) == 1
+  assert peer_docs_per_row('griffin', 4) == 4  # recurrentgemma reads the positions: masked, reset per document
+  with pytest.raises(ValueError, match=r'--peer with --docs_per_row=4: the transformer peer attends across '
+                                       r'documents.*pass --docs_per_row=1'):
+    peer_docs_per_row('transformer', 4)
+  # The peer's result says what it ran at (a stand-in for the peer module: no torch or recurrentgemma here).
+  ran_at = []
+
+  def fake_benchmark(config, num_steps, warmup, docs_per_row):
+    ran_at.append(docs_per_row)
+    return dict(tokens_per_s=1.0)
+
+  monkeypatch.setattr(peers.importlib, 'import_module', lambda name: types.SimpleNamespace(benchmark=fake_benchmark))
+  griffin = ml_collections.ConfigDict(dict(model=dict(name='griffin')))
+  assert benchmark_peer(griffin, 1, 1, docs_per_row=4) == dict(tokens_per_s=1.0, docs_per_row=4)
+  with pytest.raises(ValueError, match='--peer with --docs_per_row=4'):
+    benchmark_peer(ml_collections.ConfigDict(dict(model=dict(name='transformer'))), 1, 1, docs_per_row=4)
+  assert ran_at == [4]
+  process = subprocess.run([sys.executable, '-m', 'experiments.benchmark', '--peer',
+                            '--config=experiments/configs/transformer.py:tiny'], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert process.returncode == 1
+  fatal = [line for line in process.stderr.splitlines() if line.startswith('FATAL')]
+  assert len(fatal) == 1 and '--peer with --docs_per_row=4' in fatal[0] and 'pass --docs_per_row=1' in fatal[0]
 
 
 def test_decode_benchmark_times_the_sampler_at_each_context_and_batch(data_dir):
@@ -65,7 +157,8 @@ def test_bad_requests_name_the_problem(data_dir):
 
 
 def test_decode_plot_takes_the_largest_batch_found_at_each_context():
-  rows = [dict(context=4096, batch=1, decode_tokens_per_s=10.0), dict(context=4096, batch=64, decode_tokens_per_s=500.0),
+  rows = [dict(context=4096, batch=1, decode_tokens_per_s=10.0),
+          dict(context=4096, batch=64, decode_tokens_per_s=500.0),
           dict(context=4096, batch=16, largest_batch=True, decode_tokens_per_s=300.0),
           dict(context=65536, batch=1, decode_tokens_per_s=8.0), dict(context=131072, batch=1)]  # prefill only
   assert throughput_by_context({'results': rows}) == ([4096, 65536], [300.0, 8.0])

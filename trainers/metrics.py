@@ -3,7 +3,11 @@ TensorBoard events (tensorboardX, needs no TensorFlow), and a one-line progress
 log with step, loss, tokens/s, MFU and ETA.
 
 MFU follows MaxText: 3x the analytic forward matmul FLOPs per token (forward
-and backward), times tokens/s, over the devices' peak bf16 FLOP/s.
+and backward), times tokens/s, over the devices' peak bf16 FLOP/s, counting
+full causal attention over each row of seq_len. Rows that pack several
+documents do less attention work than that (other documents' keys are
+skipped), so on them this MFU overstates; the log line says "MFU (MaxText-style)".
+`experiments/benchmark.py` also reports the MFU of the work done.
 """
 import json
 import os
@@ -76,7 +80,8 @@ class MetricsWriter:
 
 
 class Throughput:
-  """Tokens/s, MFU and ETA between two log points (wall clock on the host)."""
+  """Tokens/s, MFU (MaxText-style: `train_flops_per_token` of one document a row) and ETA between two
+  log points (wall clock on the host)."""
 
   def __init__(self, *, train_flops_per_token: float, tokens_per_step: int, total_steps: int,
                devices: list[jax.Device]):
@@ -104,6 +109,6 @@ class Throughput:
 
 def log_progress(step: int, total_steps: int, values: dict) -> None:
   mfu, eta, speed = values.get('mfu'), values.get('eta_s'), values.get('tokens_per_s')
-  logging.info('step %d/%d  loss %.4f  %s tokens/s  MFU %s  ETA %s', step, total_steps, values['loss'],
+  logging.info('step %d/%d  loss %.4f  %s tokens/s  MFU (MaxText-style) %s  ETA %s', step, total_steps, values['loss'],
                '-' if speed is None else f'{speed:.0f}', '-' if mfu is None else f'{100 * mfu:.1f}%',
                '-' if eta is None else f'{int(eta) // 60}m{int(eta) % 60:02d}s')

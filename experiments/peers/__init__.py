@@ -1,7 +1,9 @@
 """Peer implementations timed beside ours by `experiments/benchmark.py --peer` (same shape, same run).
 
-  griffin      recurrentgemma's own JAX Griffin (peers/recurrentgemma_griffin.py); decoding: its Sampler
-  transformer  transformers' LlamaForCausalLM, SDPA + torch.compile + fused AdamW (peers/llama_torch.py);
+  griffin      recurrentgemma's own JAX Griffin (peers/recurrentgemma_griffin.py), on our rows and their
+               document boundaries; decoding: its Sampler
+  transformer  transformers' LlamaForCausalLM, SDPA + torch.compile + fused AdamW (peers/llama_torch.py),
+               attending across documents: timed at one document a row only (--docs_per_row=1);
                decoding: its `generate` with a static cache and torch.compile
   goldfinch    decoding, Finch configs: flash-linear-attention's RWKV6ForCausalLM.generate (peers/fla_rwkv6.py)
   op wkv       flash-linear-attention's Triton chunk_rwkv6 (peers/fla_rwkv6.py)
@@ -21,15 +23,31 @@ from trainers.measure_decode import MEMORY_HEADROOM, device_memory_limit, larges
 PEER_MODULES = {'griffin': 'recurrentgemma_griffin', 'transformer': 'llama_torch'}
 DECODE_PEER_MODULES = {'griffin': 'recurrentgemma_griffin', 'transformer': 'llama_torch', 'goldfinch': 'fla_rwkv6'}
 OPERATOR_PEER_MODULES = {'wkv': 'fla_rwkv6'}
+# Training peers that take our rows' positions, and so the document boundaries: recurrentgemma's Griffin
+# masks its local attention to each document (segment ids from position 0) and resets its recurrence at
+# position 0. The others (transformers' Llama) attend across documents: equal work only at one a row.
+PEERS_WITH_DOCUMENTS = frozenset({'griffin'})
 
 
-def benchmark_peer(config, num_steps: int, warmup: int) -> dict:
-  """Times the peer of `config.model.name` at the config's shape, batch and length."""
+def peer_docs_per_row(family: str, docs_per_row: int) -> int:
+  """The documents a row the training peer of `family` is timed at, for our rows of `docs_per_row`:
+  the same where the peer takes the document boundaries; a peer that attends across documents does the
+  same work as ours only at one document a row, so any other `docs_per_row` is refused (ValueError)."""
+  if family in PEERS_WITH_DOCUMENTS or docs_per_row == 1:
+    return docs_per_row
+  raise ValueError(f'--peer with --docs_per_row={docs_per_row}: the {family} peer attends across documents, '
+                   'so it does the same work as ours only at one document a row; pass --docs_per_row=1')
+
+
+def benchmark_peer(config, num_steps: int, warmup: int, docs_per_row: int = 1) -> dict:
+  """Times the peer of `config.model.name` at the config's shape, batch and length, on rows of
+  `docs_per_row` documents (peer_docs_per_row); the result records them as `docs_per_row`."""
   family = config.model.name
   if family not in PEER_MODULES:
     raise ValueError(f'config.model.name={family!r} has no peer; peers exist for {sorted(PEER_MODULES)}')
+  docs_per_row = peer_docs_per_row(family, docs_per_row)
   module = importlib.import_module(f'experiments.peers.{PEER_MODULES[family]}')
-  return module.benchmark(config, num_steps, warmup)
+  return dict(module.benchmark(config, num_steps, warmup, docs_per_row=docs_per_row), docs_per_row=docs_per_row)
 
 
 def benchmark_operator_peer(name: str, batch: int, seq_len: int, heads: int, head_dim: int, num_steps: int) -> dict:

@@ -2,7 +2,8 @@
 
 Training (`benchmark`): SDPA attention, `torch.compile` of the whole step, bf16
 autocast over float32 parameters, fused AdamW; rows of random bytes (no document
-mask: the peer attends across documents, ours does not).
+mask: the peer attends across documents, so it is timed only against ours at one
+document a row, `benchmark --peer --docs_per_row=1`).
 Decoding (`decode_peer`): `generate` as transformers documents it for speed, bf16
 weights and a static KV cache, with which generate compiles its forward pass
 itself (torch.compile, CUDA graphs), greedy.
@@ -27,7 +28,10 @@ def llama_config(config, max_positions: int) -> transformers.LlamaConfig:
   return llama
 
 
-def benchmark(config, num_steps: int, warmup: int) -> dict:
+def benchmark(config, num_steps: int, warmup: int, docs_per_row: int = 1) -> dict:
+  """Times the training step on rows of one document (it attends across documents: docs_per_row must be 1)."""
+  if docs_per_row != 1:
+    raise ValueError(f'the Llama peer attends across documents: docs_per_row={docs_per_row} must be 1')
   model = transformers.LlamaForCausalLM(llama_config(config, config.seq_len)).cuda()
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.learning_rate,
                                 weight_decay=config.optimizer.weight_decay, fused=True)

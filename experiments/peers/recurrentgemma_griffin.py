@@ -1,9 +1,10 @@
 """recurrentgemma's JAX Griffin (Flax Linen) at our config's shape: the Griffin peer, in training
 (`benchmark`) and in decoding with its own Sampler (`DecodePeer`).
 
-Same batch of synthetic packed rows, bf16 compute with float32 parameters, AdamW
-(optax), one jitted step with the state donated. Its local attention sees
-`window - 1` earlier keys (our `window` counts the query itself). Install with
+Same batch of synthetic packed rows (`docs_per_row` documents a row, their
+boundaries given by the positions, which it reads as we do), bf16 compute with
+float32 parameters, AdamW (optax), one jitted step with the state donated.
+Its local attention sees `window - 1` earlier keys (our `window` counts the query itself). Install with
 `pip install --no-deps -r tests/reference_requirements.txt`.
 """
 import statistics
@@ -30,10 +31,12 @@ def reference_config(model) -> rg.GriffinConfig:
       logits_soft_cap=model.logits_soft_cap, scan_type=rg.ScanType.ASSOCIATIVE_NATIVE)
 
 
-def benchmark(config, num_steps: int, warmup: int) -> dict:
+def benchmark(config, num_steps: int, warmup: int, docs_per_row: int = 1) -> dict:
+  """Times the training step on our synthetic rows of `docs_per_row` documents (the same batch as ours:
+  its attention is masked to each document and its recurrence resets at position 0)."""
   griffin = rg.Griffin(reference_config(config.model), gradient_checkpointing=config.model.remat != 'none',
                        dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.float32)
-  batch = synthetic_batch(config.batch_size, config.seq_len)
+  batch = synthetic_batch(config.batch_size, config.seq_len, docs_per_row=docs_per_row)
   tokens, positions = jnp.asarray(batch['tokens']), jnp.asarray(batch['positions'])
   params = jax.jit(griffin.init)(jax.random.key(0), tokens[:, :-1], positions[:, :-1])
   tx = optax.adamw(config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay)
