@@ -105,12 +105,12 @@ def cudnn_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, documents: ja
   """Causal self-attention over one packed row with cuDNN (GPU, bf16/fp16).
 
   Each run of one document id is a segment of cuDNN's packed (ragged) layout, so key
-  blocks of other documents are skipped, not masked (forward + backward 2.2x faster
-  than the dense document mask at B=8 x T=4096, 16 heads, on an H200;
-  docs/performance.md). Padding runs attend among themselves; real tokens never see
-  them, as in the XLA form (padding outputs differ, never used). A window is cuDNN's
-  sliding_window_length (W keys including itself). A row of more than
-  CUDNN_MAX_DOCUMENTS runs takes the dense document mask instead (lax.cond, on device).
+  blocks of other documents are skipped, not masked (faster than the dense document
+  mask, which blocks no work; measured in docs/performance.md). Padding runs attend
+  among themselves; real tokens never see them, as in the XLA form (padding outputs
+  differ, never used). A window is cuDNN's sliding_window_length (W keys including
+  itself). A row of more than CUDNN_MAX_DOCUMENTS runs takes the dense document mask
+  instead (lax.cond, on device).
 
   Keys and values are repeated to the query heads (GQA/MQA): JAX's packed call computes
   the K/V offsets with the query heads' count (read in JAX 0.10.2). Under a mesh each

@@ -1,4 +1,5 @@
-"""The block-recurrent cell (Hutchins et al. 2022, arXiv 2203.07852; REFERENCES.md §3).
+"""The block-recurrent cell (Hutchins et al. 2022, arXiv 2203.07852; docs/architectures.md,
+Block-Recurrent Transformer).
 
 A block of S state vectors s [S, D] (float32) is updated once per window of W tokens. Per window,
 with learned state IDs e [S, D] and u = RMSNorm(s) + e:

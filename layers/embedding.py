@@ -3,9 +3,10 @@
 The tied logits are float32 (accumulated in float32 from compute-dtype inputs). Left
 to autodiff, their float32 cotangent would turn both backward matmuls into float32
 GEMMs: on an H200 these were the two slowest kernels of a Griffin step at vocabulary
-32768 (6.5 of 61 ms). `logits_matmul` rounds the cotangent to the compute dtype
-first, so the backward matmuls run like the forward one (compute dtype in, float32
-accumulation), as MaxText's bf16 logits do; in float32 it is plain autodiff.
+32768 (docs/performance.md, the 1B Griffin's profile). `logits_matmul` rounds the
+cotangent to the compute dtype first, so the backward matmuls run like the forward one
+(compute dtype in, float32 accumulation), as MaxText's bf16 logits do; in float32 it
+is plain autodiff.
 """
 import jax
 import jax.numpy as jnp

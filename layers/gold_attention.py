@@ -1,4 +1,4 @@
-"""GOLD attention (GoldFinch, Goldstein et al. 2024, REFERENCES.md §5): softmax attention
+"""GOLD attention (GoldFinch, Goldstein et al. 2024; docs/architectures.md, GoldFinch): softmax attention
 whose keys come from ONE compressed cache for the whole model and whose values
 come from the token embeddings, so a GOLD layer has no K/V weights of its own.
 

@@ -3,20 +3,16 @@
 The core of the RG-LRU (and of any gated linear RNN with a per-channel decay).
 Inputs are [B, T, ...] with time on axis 1 and an initial state h_0 [B, ...];
 the result is every h_t and the last state. A zero a_t is a reset: nothing
-before t reaches h_t. Four implementations behind `impl`, equal up to
+before t reaches h_t. Three implementations behind `impl`, equal up to
 float rounding (values and gradients):
 
-  'sequential'   jax.lax.scan over T (the reference; `unroll` steps per iteration)
+  'sequential'   jax.lax.scan over T (the reference)
   'associative'  jax.lax.associative_scan with (a1, x1) . (a2, x2) = (a1 a2, a2 x1 + x2),
                  log-depth (Blelloch 1990; Martin & Cundy 2018)
-  'chunked'      T split into chunks of `chunk_size`: an associative scan inside
-                 each chunk from a zero state, then a short lax.scan over the chunks
-                 carries the state (h = h_local + (prod of a inside the chunk) * h_in).
-                 T need not divide: the tail is padded with a = 1, x = 0, which
-                 leave the state as it is.
   'pallas'       a linear scan as a Pallas TPU kernel (layers/pallas_linear_scan.py;
                  its gradient is the reverse scan by the same kernel); Pallas
-                 interpret mode off TPU. T is padded as for 'chunked'.
+                 interpret mode off TPU. T is padded to whole time blocks with
+                 a = 1, x = 0, which leave the state as it is.
 
 'auto' picks one for the platform compiled for (resolve_impl). Computation happens in the
 dtype the inputs promote to; the RG-LRU passes float32.
@@ -28,13 +24,14 @@ import jax.numpy as jnp
 
 from layers import kernel_sharding, pallas_linear_scan
 
-IMPLEMENTATIONS = ('sequential', 'associative', 'chunked', 'pallas', 'auto')
+IMPLEMENTATIONS = ('sequential', 'associative', 'pallas', 'auto')
 
 
 def resolve_impl(impl: str) -> str:
-  """'auto': associative on GPU (fastest measured on an H200, REFERENCES.md §2), the Pallas linear
-  scan on TPU (the Griffin paper found a linear scan fastest there), sequential elsewhere (cheapest
-  to compile on CPU). The platform is the one compiled for (kernel_sharding.compile_platform)."""
+  """'auto': associative on GPU (faster there than a linear or a two-level chunked scan: docs/performance.md,
+  "Peers measured on their own"), the Pallas linear scan on TPU (the Griffin paper found a linear scan fastest
+  there: docs/architectures.md, Griffin), sequential elsewhere (cheapest to compile on CPU). The platform is
+  the one compiled for (kernel_sharding.compile_platform)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'unknown linear recurrence impl {impl!r}; known: {IMPLEMENTATIONS}')
   if impl == 'auto':
@@ -49,13 +46,13 @@ def _combine(left: tuple[jax.Array, jax.Array], right: tuple[jax.Array, jax.Arra
   return a_left * a_right, a_right * x_left + x_right
 
 
-def _sequential(a: jax.Array, x: jax.Array, h0: jax.Array, unroll: int) -> tuple[jax.Array, jax.Array]:
+def _sequential(a: jax.Array, x: jax.Array, h0: jax.Array) -> tuple[jax.Array, jax.Array]:
   def step(h, inputs):
     a_t, x_t = inputs
     h = a_t * h + x_t
     return h, h
 
-  last, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(x, 1, 0)), unroll=unroll)
+  last, h = jax.lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(x, 1, 0)))
   return jnp.moveaxis(h, 0, 1), last
 
 
@@ -74,24 +71,6 @@ def _pad_time(a: jax.Array, x: jax.Array, multiple: int) -> tuple[jax.Array, jax
   return jnp.pad(a, widths, constant_values=1), jnp.pad(x, widths)
 
 
-def _chunked(a: jax.Array, x: jax.Array, h0: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
-  batch, length, *rest = a.shape
-  chunk_size = min(chunk_size, length)
-  a, x = _pad_time(a, x, chunk_size)
-  num_chunks = a.shape[1] // chunk_size
-  a = a.reshape(batch, num_chunks, chunk_size, *rest)
-  x = x.reshape(batch, num_chunks, chunk_size, *rest)
-  decay, local = jax.lax.associative_scan(_combine, (a, x), axis=2)  # within chunks, from h = 0
-
-  def carry(h, chunk):
-    chunk_decay, chunk_last = chunk
-    return chunk_decay * h + chunk_last, h  # emits the state entering the chunk
-
-  last, entering = jax.lax.scan(carry, h0, (jnp.moveaxis(decay[:, :, -1], 1, 0), jnp.moveaxis(local[:, :, -1], 1, 0)))
-  h = local + decay * jnp.moveaxis(entering, 0, 1)[:, :, None]
-  return h.reshape(batch, num_chunks * chunk_size, *rest)[:, :length], last
-
-
 def _pallas(a: jax.Array, x: jax.Array, h0: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The kernel over channels flattened to one axis, T padded to whole time blocks."""
   batch, length, *rest = a.shape
@@ -102,8 +81,8 @@ def _pallas(a: jax.Array, x: jax.Array, h0: jax.Array) -> tuple[jax.Array, jax.A
   return h[:, :length].reshape(batch, length, *rest), last.reshape(h0.shape)
 
 
-def linear_recurrence(a: jax.Array, x: jax.Array, h0: jax.Array | None = None, *, impl: str = 'chunked',
-                      chunk_size: int = 128, unroll: int = 1) -> tuple[jax.Array, jax.Array]:
+def linear_recurrence(a: jax.Array, x: jax.Array, h0: jax.Array | None = None, *,
+                      impl: str = 'auto') -> tuple[jax.Array, jax.Array]:
   """a, x [B, T, ...], h0 [B, ...] or None (zeros) -> (h [B, T, ...], h_T [B, ...])."""
   impl = resolve_impl(impl)
   if a.shape != x.shape:
@@ -115,11 +94,7 @@ def linear_recurrence(a: jax.Array, x: jax.Array, h0: jax.Array | None = None, *
     h = a[:, 0] * h0 + x[:, 0]
     return h[:, None], h
   if impl == 'sequential':
-    return _sequential(a, x, h0, unroll)
+    return _sequential(a, x, h0)
   if impl == 'associative':
     return _associative(a, x, h0)
-  if impl == 'pallas':
-    return _pallas(a, x, h0)
-  if chunk_size <= 0:
-    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
-  return _chunked(a, x, h0, chunk_size)
+  return _pallas(a, x, h0)

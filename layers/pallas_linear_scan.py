@@ -1,8 +1,8 @@
 """Diagonal linear recurrence h_t = a_t * h_{t-1} + x_t as a Pallas TPU kernel.
 
 A linear scan, one time step after the other (the Griffin paper found a linear
-scan faster than an associative one on TPU, and a Pallas one ~3x faster than
-JAX's; REFERENCES.md §2: the recurrence is memory-bound). The grid
+scan faster than an associative one on TPU, and a Pallas one faster than
+JAX's: the recurrence is memory-bound; docs/architectures.md, Griffin). The grid
 runs over blocks of batch rows and channels (independent, 'parallel') and,
 last and in order ('arbitrary'), over chunks of time; inside a chunk a loop
 walks the time steps. Everything is float32 (other dtypes are cast on the way

@@ -29,10 +29,8 @@ Under a mesh each device runs the kernels on its own rows and channels
 (jax.shard_map over the batch and `lru` mesh axes). Off GPU they run in
 Pallas interpret mode (the tests compare them with the XLA form on CPU).
 
-On an H200 at B=8, T=2048, W=1024 (bf16) forward + backward take 0.54 ms
-against 1.02 ms for the XLA form (associative scan), and the Griffin step at
-recurrentgemma's bench shape went from 1.37x to 1.45x the peer's tokens/s
-(docs/performance.md).
+They are faster than the XLA form (associative scan), alone and in the Griffin
+step; docs/performance.md ("The fused RG-LRU kernels") has the measurements.
 """
 import functools
 
@@ -43,8 +41,8 @@ from jax.experimental import pallas as pl
 from layers import kernel_sharding, sharding
 from layers.rg_lru_gates import chain_rule, gates, normalized_input
 
-BLOCK_CHANNELS = 64   # channels per program: two warps, one channel per thread (32: 0.614 ms vs 64: 0.539)
-ROWS = 8              # time steps unrolled per loop iteration (8: 0.571 ms vs 16: 0.645)
+BLOCK_CHANNELS = 64   # channels per program: two warps, one channel per thread (faster than 32; docs/performance.md)
+ROWS = 8              # time steps unrolled per loop iteration (faster than 16; docs/performance.md)
 TARGET_PROGRAMS = 4096  # time is split until there are this many programs (an H200 has 132 SMs) ...
 MAX_CHUNKS = 32         # ... or this many chunks: every program composes the summaries of all of them
 

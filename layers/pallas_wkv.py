@@ -55,10 +55,9 @@ Under a mesh each device runs the kernels on its own rows and heads
 (jax.shard_map). Off GPU they run in Pallas interpret mode (the tests compare
 them with the recurrent form on CPU).
 
-On an H200 (B=8, N=16, K=V=64, forward + backward, `benchmark --mode=op
---op=wkv --peer`) they took 2.92 ms at T=2048 and 10.41 ms at T=8192;
-flash-linear-attention's chunk_rwkv6 took 2.91 and 7.14 ms in the same runs
-(1.00x and 1.46x). docs/performance.md has the variants measured on the way.
+Their times against flash-linear-attention's chunk_rwkv6 (`benchmark --mode=op
+--op=wkv --peer`) and the variants measured on the way are in docs/performance.md
+("wkv as Pallas Triton kernels").
 """
 import functools
 from typing import NamedTuple
@@ -70,7 +69,7 @@ from jax.experimental import pallas as pl
 from layers import kernel_sharding, sharding
 
 SUB = 16           # tokens per sub-chunk: pairs across sub-chunks are matmuls, inside one they are walked
-NUM_WARPS = 4      # every kernel; 8 were slower (the key kernel: 12.15 ms against 10.28 at T=8192)
+NUM_WARPS = 4      # every kernel; 8 were slower, the key kernel most (docs/performance.md, the wkv variants)
 STATE_BLOCK = 32   # value channels per program of the two kernels that walk the chunks in order
 
 

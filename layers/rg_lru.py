@@ -86,7 +86,7 @@ class BlockDiagonalLinear(nnx.Module):
 
 class RGLRU(nnx.Module):
   """Eqs. 1-4 on x [B, T, W] with block-diagonal gates. `impl`: see the module docstring; `chunk_size`: the
-  'chunked' form's chunk length, and the fewest steps a program of the fused kernels walks when they split time."""
+  fewest steps a program of the fused kernels walks when they split time."""
 
   def __init__(self, width: int, num_heads: int, *, c: float = 8.0, min_rad: float = 0.9, max_rad: float = 0.999,
                impl: str = 'auto', chunk_size: int = 128, dtype: jnp.dtype = jnp.float32,
@@ -148,8 +148,8 @@ def _rg_lru(x: jax.Array, gate_logits: jax.Array, a_param: jax.Array, positions:
             c: float, impl: str, chunk_size: int) -> tuple[jax.Array, jax.Array]:
   """y [B, T, W] (x's dtype), last state [B, W] float32, with a hand-written backward: the same recurrence run on
   reversed time for the state's cotangents, then the gates' chain rule (residuals: the inputs and h), by the
-  fused kernels or in XLA. The XLA backward against autodiff through the associative scan's transpose: a
-  Griffin step at recurrentgemma's bench shape 61.0 -> 58.7 ms on an H200 (same run, docs/performance.md)."""
+  fused kernels or in XLA. The XLA backward is faster than autodiff through the associative scan's transpose
+  (the Griffin step, docs/performance.md)."""
   return _rg_lru_forward(x, gate_logits, a_param, positions, state, c, impl, chunk_size)[0]
 
 
@@ -157,8 +157,7 @@ def _rg_lru_forward(x, gate_logits, a_param, positions, state, c, impl, chunk_si
   if impl == 'fused':
     y, h, last = pallas_rg_lru.forward(x, gate_logits, a_param, positions, state, c, chunk_size)
   else:
-    h, last = linear_recurrence(*decays_and_inputs(x, gate_logits, a_param, positions, c), state, impl=impl,
-                                chunk_size=chunk_size)
+    h, last = linear_recurrence(*decays_and_inputs(x, gate_logits, a_param, positions, c), state, impl=impl)
     y = h.astype(x.dtype)
   return (y, last), (x, gate_logits, a_param, positions, state, h)
 
@@ -172,18 +171,18 @@ def _rg_lru_backward(c: float, impl: str, chunk_size: int, residuals: tuple, cot
     d_softplus = jnp.sum(d_softplus, axis=0)
   else:
     d_x, d_logits, d_softplus, d_state = _xla_backward(x, gate_logits, a_param, positions, state, h, d_y, d_last, c,
-                                                       impl, chunk_size)
+                                                       impl)
   d_a_param = d_softplus * jax.nn.sigmoid(a_param.astype(jnp.float32))
   return (d_x.astype(x.dtype), d_logits.astype(gate_logits.dtype), d_a_param.astype(a_param.dtype), None, d_state)
 
 
-def _xla_backward(x, gate_logits, a_param, positions, state, h, d_y, d_last, c, impl, chunk_size):
+def _xla_backward(x, gate_logits, a_param, positions, state, h, d_y, d_last, c, impl):
   """The reverse recurrence g_t = dL/dh_t = dy_t + a_{t+1} g_{t+1} by linear_recurrence on reversed time, then
   the chain rule elementwise: (dL/dx, dL/d gate_logits, dL/d softplus(a_param) [W], dL/d state)."""
   g, softplus, reset, padding = _gates(gate_logits, a_param, positions, c)  # recomputed
   d_h = d_y.astype(jnp.float32).at[:, -1].add(d_last)
   a_next = jnp.concatenate([g.a[:, 1:], jnp.zeros_like(g.a[:, :1])], axis=1)
-  d_h = jnp.flip(linear_recurrence(jnp.flip(a_next, 1), jnp.flip(d_h, 1), impl=impl, chunk_size=chunk_size)[0], 1)
+  d_h = jnp.flip(linear_recurrence(jnp.flip(a_next, 1), jnp.flip(d_h, 1), impl=impl)[0], 1)
   h_before = jnp.concatenate([state[:, None], h[:, :-1]], axis=1)  # h_{t-1}
   grads = chain_rule(d_h, h_before, x, g, softplus, reset, padding, c)
   d_logits = jnp.stack([grads.logit_x, grads.logit_a], axis=-2)

@@ -1,4 +1,4 @@
-"""RWKV-6 ("Finch") time-mix and channel-mix (Peng et al. 2024, REFERENCES.md §5).
+"""RWKV-6 ("Finch") time-mix and channel-mix (Peng et al. 2024; docs/architectures.md, GoldFinch).
 
 Time-mix, on x [B, T, D] with x_prev its token shift (layers/token_shift.py), dx = x_prev - x:
 

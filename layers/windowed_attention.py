@@ -1,6 +1,7 @@
 """Windowed causal attention: each window of W tokens attends to itself and the previous window.
 
-The attention of the Block-Recurrent Transformer (Hutchins et al. 2022, REFERENCES.md §3), usable
+The attention of the Block-Recurrent Transformer (Hutchins et al. 2022; docs/architectures.md,
+Block-Recurrent Transformer), usable
 alone as Transformer-XL-style attention with a memory of one window. Window k holds the tokens of
 index kW .. kW + W - 1 in the row (indices continue across cached calls, so windows do too).
 Query i sees key j when both are in the same document, j <= i and

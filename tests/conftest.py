@@ -1,4 +1,6 @@
-"""Test setup: 8 fake CPU devices, set before JAX starts (DESIGN.md, "Sharding")."""
+"""Test setup: 8 fake CPU devices, set before JAX starts, so the multi-device tests run on any host.
+
+Markers (`fault`, `slow`) and the default options are registered in pyproject.toml."""
 import os
 import tempfile
 
@@ -31,10 +33,6 @@ def data_dir(tmp_path_factory):
 # Fault table (docs/reliability.md): tests marked `@pytest.mark.fault(fault, outcome)` are
 # listed with their result; `SEQARCH_FAULT_TABLE=docs/reliability.md pytest ...` writes it.
 _FAULT_RESULTS: dict[str, tuple[str, str, str]] = {}
-
-
-def pytest_configure(config):
-  config.addinivalue_line('markers', 'fault(fault, outcome): a fault injected and the behaviour checked')
 
 
 @pytest.hookimpl(hookwrapper=True)

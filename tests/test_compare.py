@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO
 
 
+@pytest.mark.slow  # trains, evaluates and measures two families in a subprocess
 def test_compare_writes_the_table_and_the_plots(data_dir, tmp_path):
   subprocess.run([sys.executable, '-m', 'experiments.compare', '--families=transformer,aaren', '--steps=3',
                   '--contexts=32,64', f'--workdir={tmp_path}', f'--data_dir={data_dir}'],

@@ -1,4 +1,4 @@
-"""The contract every family's tiny config keeps (DESIGN.md, "One model interface").
+"""The contract every family's tiny config keeps (docs/architectures.md, Interface).
 
 Families are found from experiments/configs/*.py, so a new family is covered
 as soon as its config file exists. For each config: prefill + single-token

@@ -139,7 +139,7 @@ def test_cache_grows_by_1_plus_d_over_16_numbers_per_token_and_finch_not_at_all(
                  f'({t_bytes / gold.cache_bytes(1, n):.1f}x), Finch {finch.cache_bytes(1, n) / 2**20:.2f} MiB '
                  f'({t_bytes / finch.cache_bytes(1, n):.1f}x)')
   per_token = (12 * (2 * d * 2 + 8)) / (4 + d // 16 * 2)
-  numbers = 2 * d * 12 / (1 + d / 16)  # REFERENCES.md §5: 2 D L / (1 + D / 16)
+  numbers = 2 * d * 12 / (1 + d / 16)  # docs/architectures.md, GoldFinch: 2 D L / (1 + D / 16)
   print('\nbf16 decode cache per row, L12 D768:\n  ' + '\n  '.join(lines)
         + f'\n  growth per token: {per_token:.1f}x in bytes, {numbers:.1f}x in numbers')
   assert gold.cache_bytes(1, 65536) < transformer.cache_bytes(1, 65536) / 250

@@ -61,6 +61,7 @@ def losses(workdir):
     return [json.loads(line)['loss'] for line in f if 'loss' in json.loads(line)]
 
 
+@pytest.mark.slow  # 3 to 5 training processes each
 @pytest.mark.parametrize('config, kill', [('experiments/configs/transformer.py:tiny', True),
                                           ('experiments/configs/hawk.py:tiny', False)])
 def test_two_processes_equal_one_and_resume(config, kill, data_dir, tmp_path):

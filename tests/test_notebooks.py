@@ -12,6 +12,7 @@ from tests.helpers import REPO
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, 'notebooks', '*.ipynb')))
 
 
+@pytest.mark.slow  # a kernel per notebook; quickstart.ipynb trains a model
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_and_is_stripped(path, data_dir, monkeypatch):
   notebook = nbformat.read(path, as_version=4)

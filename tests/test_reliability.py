@@ -103,6 +103,7 @@ def assert_same_run(workdir, reference, data_dir, mode='packed'):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # 4 starts of the training binary
 @pytest.mark.parametrize('mode', ['packed', 'streaming'])
 @pytest.mark.fault('SIGKILL at 3 random points, one of them inside an async checkpoint write; restarted each time '
                    'with the same command (packed rows, and long-document streaming with its carried cache)',
@@ -137,6 +138,7 @@ def test_sigkill_at_random_points_resumes_bitwise(mode, tmp_path_factory, tmp_pa
   assert_same_run(tmp_path, straight, data_dir, mode)
 
 
+@pytest.mark.slow
 @pytest.mark.fault('SIGTERM (preemption) in the middle of training',
                    'finishes the step, writes a checkpoint there (off the save interval), exits 0; the next start '
                    'resumes and ends equal to the uninterrupted run')

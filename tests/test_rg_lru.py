@@ -1,5 +1,5 @@
-"""Griffin's layers: the linear recurrence's three forms, the RG-LRU (equations, resets,
-padding, recurrent == parallel form, bounded sqrt gradient, hand-written backward == autodiff)
+"""Griffin's layers: the linear recurrence's XLA forms (the Pallas scan: test_tpu_kernels.py), the RG-LRU
+(equations, resets, padding, recurrent == parallel form, bounded sqrt gradient, hand-written backward == autodiff)
 and the document-aware causal conv."""
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,7 @@ from layers.rg_lru import RGLRU, a_param_init, decays_and_inputs, resolve_impl, 
 from layers.rg_lru_gates import sqrt_bounded_derivative
 from tests.helpers import packed_positions, sharded
 
-IMPLS = ('sequential', 'associative', 'chunked')
+IMPLS = ('sequential', 'associative')
 LRU_IMPLS = (*IMPLS, 'fused')  # + the Pallas Triton kernel (interpret mode on CPU)
 call = nnx.jit(lambda module, *args: module(*args))  # one compile per module shape, instead of op-by-op
 
@@ -38,7 +38,7 @@ def build(make, seed=0):
 def recurrence_inputs(length=37, seed=0):
   rng = np.random.default_rng(seed)
   a = rng.uniform(0.5, 1.0, (2, length, 2, 3))
-  a[:, [r for r in (0, 5, 11, 30) if r < length]] = 0.0  # resets, one at a chunk border (chunk 10 below: 30)
+  a[:, [r for r in (0, 5, 11, 30) if r < length]] = 0.0  # resets
   x = rng.normal(size=a.shape)
   h0 = rng.normal(size=(2, 2, 3))
   return jnp.asarray(a, jnp.float32), jnp.asarray(x, jnp.float32), jnp.asarray(h0, jnp.float32)
@@ -55,7 +55,7 @@ def test_linear_recurrence_forms_equal_a_loop_in_values_and_gradients():
   weights = jnp.asarray(np.random.default_rng(1).normal(size=a.shape), jnp.float32)
 
   def loss(a, x, h0, impl):
-    h, last = linear_recurrence(a, x, h0, impl=impl, chunk_size=10)  # 37 = 3 chunks of 10 + 7
+    h, last = linear_recurrence(a, x, h0, impl=impl)
     return jnp.sum(h * weights) + jnp.sum(last ** 2), (h, last)
 
   grads = {}
@@ -73,7 +73,7 @@ def test_linear_recurrence_forms_equal_a_loop_in_values_and_gradients():
 @pytest.mark.parametrize('impl', IMPLS)
 def test_linear_recurrence_without_initial_state_and_single_steps(impl):
   a, x, _ = recurrence_inputs(length=9, seed=2)
-  full, last = jax.jit(linear_recurrence, static_argnames=('impl', 'chunk_size'))(a, x, impl=impl, chunk_size=4)
+  full, last = jax.jit(linear_recurrence, static_argnames='impl')(a, x, impl=impl)
   h = None
   for t in range(9):
     step, h = linear_recurrence(a[:, t:t + 1], x[:, t:t + 1], h, impl=impl)  # one step: no scan
@@ -188,7 +188,7 @@ def test_rg_lru_backward_equals_autodiff(impl, a_param_shift):
 
   def autodiff(x, gate_logits, a_param, h0):
     return linear_recurrence(*decays_and_inputs(x, gate_logits, a_param, positions, 8.0), h0,
-                             impl='sequential' if impl == 'fused' else impl, chunk_size=4)
+                             impl='sequential' if impl == 'fused' else impl)
 
   args = (x, gate_logits, a_param, h0)
   (y, last), pullback = jax.vjp(custom, *args)

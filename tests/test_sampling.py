@@ -33,7 +33,8 @@ def greedy_by_forward_passes(model, prompt, steps):
   return tokens[0, len(prompt):]
 
 
-@pytest.mark.parametrize('name', FAMILY_CONFIGS)
+@pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) if name == 'goldfinch' else name
+                                  for name in FAMILY_CONFIGS])  # goldfinch: the longest compiles
 def test_greedy_equals_forward_argmax_and_batching_changes_nothing(name, data_dir):
   model = family_model(name, data_dir)
   batched = generate(model, PROMPTS, NEW, cache_dtype=jnp.float32)

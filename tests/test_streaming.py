@@ -77,6 +77,7 @@ def test_streaming_refuses_gradient_accumulation(data_dir):
     Experiment.build(streaming_config(data_dir, grad_accum_steps=2, batch_size=16))
 
 
+@pytest.mark.slow
 def test_block_recurrent_stream_resumes_exactly(data_dir, tmp_path):
   """Issue 4's check: a stopped streaming run of the Block-Recurrent Transformer (recurrent state
   and Transformer-XL caches carried across steps) continues with the same loss curve."""

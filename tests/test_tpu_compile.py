@@ -18,7 +18,8 @@ def test_topology_gives_abstract_tpu_chips():
   assert len(devices) == 8 and 'TPU' in devices[0].device_kind and devices[0].platform == 'tpu'
 
 
-@pytest.mark.parametrize('name', FAMILY_CONFIGS)
+@pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) if name == 'goldfinch' else name
+                                  for name in FAMILY_CONFIGS])  # goldfinch: the longest compile
 def test_family_compiles_for_tpu_with_the_rules_shardings(name, data_dir):
   config = family_tiny_config(name, data_dir, MESH)
   config.model.dtype = 'bfloat16'

@@ -122,6 +122,7 @@ def run_binary(binary: str, *flags: str, check: bool = True) -> subprocess.Compl
   return process
 
 
+@pytest.mark.slow  # four runs of the train, evaluate and sample binaries
 @pytest.mark.fault('evaluate and sample run without --config, or evaluate with a --config lacking the dataset flags '
                    'training had', "they use the workdir's recorded config; the other data is refused naming each "
                    'field and --other_dataset; eval.json names the dataset and the step; evaluate logs its '

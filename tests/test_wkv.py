@@ -1,5 +1,5 @@
-"""RWKV-6 wkv and the layers around it: the recurrent form is the equations of REFERENCES.md §5
-written out in numpy (with and without the bonus u, document resets, an initial state); the
+"""RWKV-6 wkv and the layers around it: the recurrent form is the equations of docs/architectures.md,
+GoldFinch, written out in numpy (with and without the bonus u, document resets, an initial state); the
 chunked form equals it in values and gradients (chunk sizes that do and do not divide T, one
 chunk, sub-chunks of one token; decays near 0 and near 1) and stays finite in bfloat16; so do the
 fused Pallas kernels (interpret mode on CPU, alone and on the 8-device mesh), which 'auto' picks on
@@ -246,7 +246,7 @@ def layer_norm(x, scale, bias, axes, eps):
 
 
 def naive_time_mix(p, x, positions, variant):
-  """REFERENCES.md §5, Finch (RWKV-6) or Finch-C2, in float64 numpy from the layer's parameters."""
+  """Finch (RWKV-6) or Finch-C2 (docs/architectures.md, GoldFinch) in float64 numpy from the layer's parameters."""
   x = np.asarray(x, np.float64)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
   _, documents, _ = locate(positions)

@@ -34,8 +34,8 @@ class Experiment:
   @classmethod
   def build(cls, config: ConfigDict, devices: Sequence[jax.Device] | None = None) -> 'Experiment':
     """Validates the config and lays out the state over `devices` (default: all); nothing is compiled."""
-    # XLA on GPU inlines the threefry hash into every parameter's init fusion: a 1B model's
-    # init took >3 minutes to compile on an H200, 5 s with jax's CUDA threefry kernel (same bits).
+    # XLA on GPU inlines the threefry hash into every parameter's init fusion: a 1B model's init
+    # compiled for minutes, seconds with jax's CUDA threefry kernel (same bits; docs/performance.md).
     jax.config.update('jax_threefry_gpu_kernel_lowering', True)
     devices = list(jax.devices() if devices is None else devices)
     config_validation.validate(config, len(devices))

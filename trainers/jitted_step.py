@@ -2,11 +2,10 @@
 
 A TrainState holds its parameters and AdamW moments as nnx Variables: pytree
 nodes that jax flattens and rebuilds in Python on every call. At 184M
-parameters (575 arrays) that cost ~1.5 ms of host time a step on an H200
-host (Griffin at B=8 x T=2048: a blocked step took 51.3 ms on leaves against
-52.7 ms on the TrainState), time in which the GPU waits whenever the host
-cannot run ahead: a step timed on its own, a small model. A list of arrays
-takes jit's C++ path. Callers keep the state as that list between steps and
+parameters (575 arrays) that costs host time every step (docs/performance.md,
+"Flat leaves"), time in which the GPU waits whenever the host cannot run
+ahead: a step timed on its own, a small model. A list of arrays takes jit's
+C++ path. Callers keep the state as that list between steps and
 rebuild the TrainState only when they need one (evaluation, checks,
 checkpoints).
 """

@@ -57,13 +57,6 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules) -> jax.sharding.NamedSharding
   return jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh(BATCH_AXES, rules))
 
 
-def batch_split(mesh: jax.sharding.Mesh, rules) -> int:
-  """How many ways a batch is split (product of the mesh axes `act_batch` maps to)."""
-  spec = sharding.logical_to_mesh(BATCH_AXES, rules)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-  return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh, rules) -> Any:
   """NamedShardings for a pytree holding nnx Variables (by logical names) and plain arrays (replicated)."""
   with nnx.logical_axis_rules(rules):

@@ -1,6 +1,6 @@
 """Byte-level tokenizer: ids 0..255 are UTF-8 bytes, 256 is end-of-sequence.
 
-The default tokenizer of the codebase (DESIGN.md, "Tokenizers"): no vocabulary
+The tokenizer of the codebase (every config here trains on bytes): no vocabulary
 file, every string is representable, and `vocab_size` is 257.
 """
 import numpy as np

@@ -1,4 +1,5 @@
-"""Fields every experiment config shares (DESIGN.md, "Configs and binaries").
+"""Fields every experiment config shares (model, dataset, seq_len, batch_size, total_steps, seed,
+optimizer, mesh, checkpoint_every, log_every, eval_every, ...), whatever the family.
 
 A family's config file calls `base_config()` and fills `config.model`.
 """

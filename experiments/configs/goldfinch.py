@@ -1,5 +1,5 @@
 """GoldFinch: Finch-C2 (RWKV-6) layers, then GOLD attention layers over one compressed
-key cache (REFERENCES.md §5; architectures/goldfinch.py).
+key cache (docs/architectures.md, GoldFinch; architectures/goldfinch.py).
 
   --config=experiments/configs/goldfinch.py:tiny       CPU, trains in about a minute
   --config=experiments/configs/goldfinch.py:l12_d768   the paper's ablation shape: 12 layers (8 Finch-C2

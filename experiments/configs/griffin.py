@@ -13,8 +13,9 @@
 
 `window` counts the keys a query sees, itself included: recurrentgemma's
 attention_window_size w is window w + 1 here (2048 -> 2049), so the published
-shapes match the released models exactly. Their vocabulary is Gemma's 256000
-(SentencePiece, DESIGN.md "Tokenizers"); load weights with architectures/griffin_convert.py.
+shapes match the released models exactly. Their vocabulary is Gemma's 256000 (a
+SentencePiece model this codebase does not ship: its tokenizer is bytes, trainers/tokenizer.py);
+load weights with architectures/griffin_convert.py (docs/architectures.md, Griffin).
 """
 from ml_collections import ConfigDict
 

@@ -1,5 +1,5 @@
 """YOCO (You Only Cache Once): a self-decoder with constant-size caches, then a
-cross-decoder over one shared K/V cache (REFERENCES.md §4).
+cross-decoder over one shared K/V cache (docs/architectures.md, YOCO).
 
   --config=experiments/configs/yoco.py:tiny   CPU, trains in about a minute
   --config=experiments/configs/yoco.py:160m   12 layers, D=768: the paper's ablation size
