@@ -5,8 +5,9 @@ Block-Recurrent Transformer), usable
 alone as Transformer-XL-style attention with a memory of one window. Window k holds the tokens of
 index kW .. kW + W - 1 in the row (indices continue across cached calls, so windows do too).
 Query i sees key j when both are in the same document, j <= i and
-  span='sliding':  i - j < W               (the last W tokens, itself included: meliad's window,
-                                            the codebase's sliding-window convention)
+  span='sliding':  i - j < W               (the last W tokens, itself included: the codebase's
+                                            sliding-window convention; meliad's causal_mask is
+                                            the W tokens before the query, without itself)
   span='block':    j // W >= i // W - 1    (the whole previous window and the current one up to i)
 Both masks only reach into the previous window, so a call is computed in one of two forms:
   blocked: the call's tokens laid out in whole windows (the first window completed with earlier
