@@ -7,12 +7,12 @@ attention over the prefix computed as a prefix scan). Its decode cache is the
 """
 import dataclasses
 
-import jax.numpy as jnp
 from flax import nnx
 
 from architectures import registry
-from architectures.transformer import Transformer, TransformerConfig, residual_init_scale
+from architectures.transformer import Transformer, TransformerConfig
 from layers import aaren
+from layers.residual import Mixer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +33,6 @@ class Aaren(Transformer):
   Config = AarenConfig
 
   @staticmethod
-  def make_mixer(cfg: AarenConfig, rngs: nnx.Rngs) -> nnx.Module:
+  def make_mixer(cfg: AarenConfig, rngs: nnx.Rngs) -> Mixer:
     return aaren.Aaren(cfg.dim, cfg.num_heads, cfg.heads_dim, impl=cfg.aaren_impl, chunk_size=cfg.chunk_size,
-                       out_init_scale=residual_init_scale(cfg), rngs=rngs, dtype=jnp.dtype(cfg.dtype),
-                       param_dtype=jnp.dtype(cfg.param_dtype))
-
-  def mixer_flops_per_token(self, seq_len: int) -> float:
-    """Key, value, output projections and the scores; the chunked form's dense chunk work on top."""
-    cfg = self.config
-    width = cfg.num_heads * cfg.heads_dim
-    chunk = min(cfg.chunk_size, seq_len) if cfg.aaren_impl == 'chunked' else 1
-    return 2 * cfg.dim * 3 * width + 2 * width + 2 * 2 * width * (chunk + 1) / 2
+                       out_init_scale=cfg.residual_init_scale, rngs=rngs, **cfg.dtypes)

@@ -8,12 +8,15 @@ A model is an `nnx.Module` with
   init_cache(batch, max_len, dtype) -> cache   (a pytree of fixed shapes, for contexts of up to max_len tokens)
   prefill(tokens, positions, cache, chunk) -> (logits [B, 1, V], cache)   (a prompt, in chunks of `chunk`)
   cache_bytes(batch, context_len, dtype) -> int
-  flops_per_token(seq_len) -> float            (forward matmul FLOPs, MaxText-style)
+  flops_per_token(seq_len, doc_lengths=None) -> float
+      (forward FLOPs, MaxText-style; attention over the documents of `doc_lengths`, else one a row)
 
 `positions` restart at 0 at each document start and are -1 on padding; a
 cache continues the sequence, so prefill + single steps equals one call.
 Each family's config is a frozen dataclass built from `config.model` of the
 experiment config; unknown or inconsistent fields fail here, before any compile.
+Most families are an architectures/decoder.Decoder: a stack of mixers in
+pre-norm residual blocks (layers/residual.py).
 """
 import dataclasses
 from collections.abc import Mapping
@@ -26,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from layers.documents import Cursor
+from layers.flops import Lengths
 
 
 # XLA's GPU pipeline rewrites a dot with a vector operand below 10M elements (every projection of a
@@ -83,17 +87,6 @@ class ModelCache:
   max_len: int = flax.struct.field(pytree_node=False, default=0)  # init_cache's max_len (static)
 
 
-def stack_layer_caches(cache: Any, num_layers: int) -> Any:
-  """One layer's cache -> the stacked cache of `num_layers` scanned layers."""
-  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_layers, *a.shape)), cache)
-
-
-def mean_visible_keys(seq_len: int, window: int) -> float:
-  """Average number of keys a causal query sees in a row of seq_len (window 0 = global)."""
-  seen = np.minimum(np.arange(1, seq_len + 1), window if window else seq_len)
-  return float(seen.mean())
-
-
 class AttentionHeads:
   """Mixin for configs with dim, num_heads, num_kv_heads (0 = MHA) and head_dim (0 = dim / num_heads)."""
 
@@ -134,7 +127,7 @@ class SequenceModel(nnx.Module):
     """c > 0: logits are c * tanh(z / c) of the projection's z; 0: no cap."""
     return self.io.logits_soft_cap
 
-  def flops_per_token(self, seq_len: int) -> float:
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
     raise NotImplementedError
 
   def prefill(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache,

@@ -187,7 +187,8 @@ class BlockRecurrentTransformer(SequenceModel):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
                last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
-    token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
+    segments, cursor = locate(positions, None if cache is None else cache.cursor)
+    token_index, documents = segments.index, segments.document
     x = self.io.embed_tokens(tokens)  # [B, T, D]
 
     def layer_fn(layer: Layer, h, layer_cache):

@@ -46,10 +46,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from architectures import registry
-from architectures.base import ModelCache, ModelConfig, SequenceModel, mean_visible_keys
+from architectures.base import ModelCache, ModelConfig, SequenceModel
 from layers import attention_ops, sharding, stack
 from layers.conv1d import ConvState
 from layers.documents import Cursor, locate
+from layers.flops import mean_visible_keys
 from layers.gold_attention import GoldAttention, GoldKeyCache, KeyCompression, rms, shared_kv
 from layers.layer_norm import LayerNorm
 from layers.pallas_wkv import supports as fused_wkv_supports
@@ -228,7 +229,8 @@ class GoldFinch(SequenceModel):
                last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
     cfg = self.config
     caches: GoldFinchCaches | None = None if cache is None else cache.layers
-    token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
+    segments, cursor = locate(positions, None if cache is None else cache.cursor)
+    token_index, documents = segments.index, segments.document
     x0 = self.embed(tokens)                                             # [B, T, D]
 
     def rwkv_fn(block: RWKVBlock, h, layer_cache):

@@ -32,12 +32,12 @@ import numpy as np
 from flax import nnx
 
 from architectures import registry
-from architectures.base import (DECODE_GEMV_OPTIONS, ModelCache, ModelConfig, SequenceModel, mean_visible_keys,
-                                stack_layer_caches)
+from architectures.base import DECODE_GEMV_OPTIONS, ModelCache, ModelConfig, SequenceModel
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
 from layers.conv1d import CausalConv1D, ConvState
-from layers.documents import Cursor, locate
+from layers.documents import Cursor, Segments, locate
+from layers.flops import mean_visible_keys
 from layers.kv_cache import KVCache
 from layers.linear import Dense
 from layers.mlp import GatedMLP
@@ -187,7 +187,7 @@ class ResidualBlock(nnx.Module):
     if self.kind == RECURRENT:
       mixed, cache = self.recurrent(h, positions, documents, cache)
     else:
-      mixed, cache = self.attention(h, positions, token_index, documents, cache)
+      mixed, cache = self.attention(h, Segments(positions, token_index, documents), cache)
     x = x + mixed
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED)), cache
@@ -231,7 +231,8 @@ class Griffin(SequenceModel):
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
                last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
     cfg = self.config
-    token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
+    segments, cursor = locate(positions, None if cache is None else cache.cursor)
+    token_index, documents = segments.index, segments.document
     x = self.io.embed_tokens(tokens)  # [B, T, D]
     if cfg.embed_scale is not None:
       x = x * jnp.asarray(cfg.embed_scale, x.dtype)
@@ -268,7 +269,7 @@ class Griffin(SequenceModel):
     one_group = tuple(self._block_cache(kind, batch, max_len, dtype) for kind in pattern)
     groups = None
     if self.num_groups:
-      groups = (stack_layer_caches(one_group, self.num_groups) if cfg.scan_layers
+      groups = (stack.stack_caches(one_group, self.num_groups) if cfg.scan_layers
                 else [one_group] * self.num_groups)
     tail = [one_group[:len(self.tail[0].blocks)]] if len(self.tail) else None
     return ModelCache(cursor=Cursor.create(batch), layers=dict(groups=groups, tail=tail), max_len=max_len)

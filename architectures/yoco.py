@@ -40,10 +40,11 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from architectures import registry
-from architectures.base import ModelCache, ModelConfig, SequenceModel, mean_visible_keys, stack_layer_caches
+from architectures.base import ModelCache, ModelConfig, SequenceModel
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
-from layers.documents import Cursor, locate
+from layers.documents import Cursor, Segments, locate
+from layers.flops import mean_visible_keys
 from layers.gated_retention import GatedRetention, RetentionCache
 from layers.kv_cache import KVCache, Keys
 from layers.linear import Dense
@@ -174,7 +175,7 @@ class SelfLayer(nnx.Module):
     if isinstance(self.mixer, GatedRetention):
       mixed, cache = self.mixer(h, positions, cache)
     else:
-      mixed, cache = self.mixer(h, positions, token_index, documents, cache)
+      mixed, cache = self.mixer(h, Segments(positions, token_index, documents), cache)
     x = x + mixed
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED)), cache
@@ -253,7 +254,8 @@ class YOCO(SequenceModel):
   def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
                last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
     cfg = self.config
-    token_index, documents, cursor = locate(positions, None if cache is None else cache.cursor)
+    segments, cursor = locate(positions, None if cache is None else cache.cursor)
+    token_index, documents = segments.index, segments.document
     x = self.io.embed_tokens(tokens)  # [B, T, D]
 
     def self_fn(layer: SelfLayer, h, layer_cache):
@@ -293,7 +295,7 @@ class YOCO(SequenceModel):
       one = RetentionCache.create(batch, cfg.self_heads, cfg.self_head_dim)  # float32 whatever `dtype`
     else:
       one = KVCache.create(batch, min(cfg.window, max_len), cfg.self_kv_heads, cfg.self_head_dim, dtype)
-    self_caches = stack_layer_caches(one, cfg.self_layers) if cfg.scan_layers else [one] * cfg.self_layers
+    self_caches = stack.stack_caches(one, cfg.self_layers) if cfg.scan_layers else [one] * cfg.self_layers
     cross_kv = KVCache.create(batch, max_len, cfg.kv_heads, cfg.head_dim, dtype)
     return ModelCache(cursor=Cursor.create(batch),
                       layers=YOCOLayerCaches(self_decoder=self_caches, cross_kv=cross_kv), max_len=max_len)

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import sharding
-from layers.documents import PAD_DOCUMENT
+from layers.documents import PAD_DOCUMENT, Segments
+from layers.flops import Lengths
 from layers.linear import Dense
 
 IMPLEMENTATIONS = ('scan', 'chunked')
@@ -163,7 +164,7 @@ class Aaren(nnx.Module):
                rngs: nnx.Rngs):
     if impl not in IMPLEMENTATIONS:
       raise ValueError(f'unknown aaren impl {impl!r}; known: {IMPLEMENTATIONS}')
-    self.num_heads, self.head_dim, self.impl, self.chunk_size = num_heads, head_dim, impl, chunk_size
+    self.dim, self.num_heads, self.head_dim, self.impl, self.chunk_size = dim, num_heads, head_dim, impl, chunk_size
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     query_init = sharding.partitioned(nnx.initializers.normal(1.0), (sharding.HEADS, sharding.HEAD_DIM))
     self.query = nnx.Param(query_init(rngs.params(), (num_heads, head_dim), param_dtype))
@@ -177,10 +178,17 @@ class Aaren(nnx.Module):
     del max_len, dtype  # constant size, always float32
     return AarenState.create(batch, self.num_heads, self.head_dim)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, token_index: jax.Array, documents: jax.Array,
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """Key, value, output projections and the scores; the chunked form's dense chunk work on top."""
+    del doc_lengths  # the chunks are computed whole, whatever the documents
+    width = self.num_heads * self.head_dim
+    chunk = min(self.chunk_size, seq_len) if self.impl == 'chunked' else 1
+    return 2 * self.dim * 3 * width + 2 * width + 2 * 2 * width * (chunk + 1) / 2
+
+  def __call__(self, x: jax.Array, segments: Segments,
                cache: AarenState | None = None) -> tuple[jax.Array, AarenState | None]:
-    """x [B, T, D] -> y [B, T, D], updated state (the signature of layers.attention.Attention)."""
-    del positions, token_index
+    """x [B, T, D] -> y [B, T, D], updated state (the mixer protocol, layers/residual.py)."""
+    documents = segments.document
     keys = self.key(x).astype(jnp.float32)                                        # [B, T, H, D]
     values = self.value(x).astype(jnp.float32)                                    # [B, T, H, D]
     scores = jnp.einsum('bthd,hd->bth', keys, self.query[...].astype(jnp.float32)) * self.head_dim ** -0.5

@@ -14,6 +14,8 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from layers import attention_ops, sharding
+from layers.documents import Segments
+from layers.flops import Lengths, attention_flops, document_lengths, mean_visible_keys
 from layers.kv_cache import KVCache
 from layers.linear import Dense
 from layers.rope import apply_rope
@@ -29,7 +31,7 @@ class Attention(nnx.Module):
                rngs: nnx.Rngs):
     if num_heads % num_kv_heads:
       raise ValueError(f'num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}')
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
     self.window = window
     self.rope = FrozenDict(base=rope_base, style=rope_style, fraction=rope_fraction,  # hashable: a static field
                            frequencies=rope_frequencies)
@@ -47,9 +49,16 @@ class Attention(nnx.Module):
     slots = max_len if self.window is None else min(self.window, max_len)
     return KVCache.create(batch, slots, self.num_kv_heads, self.head_dim, dtype)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, token_index: jax.Array,
-               documents: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """x [B, T, D]; positions, token_index, documents [B, T] -> y [B, T, D], updated cache."""
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """The q, k, v, out projections and attention over the keys each query sees."""
+    projections = 2 * self.dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    keys = mean_visible_keys(document_lengths(seq_len, doc_lengths), self.window or 0)
+    return projections + attention_flops(self.num_heads, self.head_dim, keys)
+
+  def __call__(self, x: jax.Array, segments: Segments,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D] -> y [B, T, D], updated cache."""
+    positions, token_index, documents = segments.positions, segments.index, segments.document
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     kv_heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_KV_HEADS, None)
     q = sharding.constrain(apply_rope(self.query(x), positions, **self.rope), heads)  # [B, T, N, H]

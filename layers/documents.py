@@ -3,8 +3,9 @@
 Packed rows hold several documents; `positions` restart at 0 at every document
 start and are -1 on padding. Every mixer derives its resets from here: a token
 may only see tokens of its own document (same id), and padding (id -1) is seen
-by nobody. A `Cursor` carries the running index and document id from one call
-to the next, so a cached continuation numbers tokens as one long call would.
+by nobody. `locate` gives the `Segments` every mixer is called with; a `Cursor`
+carries the running index and document id from one call to the next, so a
+cached continuation numbers tokens as one long call would.
 """
 import flax.struct
 import jax
@@ -24,8 +25,20 @@ class Cursor:
     return cls(next_index=zeros, document=zeros)
 
 
-def locate(positions: jax.Array, cursor: Cursor | None = None) -> tuple[jax.Array, jax.Array, Cursor]:
-  """positions [B, T] -> token index [B, T], document ids [B, T], advanced cursor."""
+@flax.struct.dataclass
+class Segments:
+  """The place of a call's tokens, what every mixer is given besides its input (layers/residual.py)."""
+  positions: jax.Array  # [B, T] int32: index in the document (restarts at 0; -1 on padding)
+  index: jax.Array      # [B, T] int32: index in the row (a cached call continues it)
+  document: jax.Array   # [B, T] int32: document id (PAD_DOCUMENT on padding)
+
+  def last(self) -> 'Segments':
+    """The last token's place only ([B, 1] each)."""
+    return jax.tree.map(lambda a: a[:, -1:], self)
+
+
+def locate(positions: jax.Array, cursor: Cursor | None = None) -> tuple[Segments, Cursor]:
+  """positions [B, T] -> their Segments (token index, document ids), the advanced cursor."""
   batch, length = positions.shape
   if cursor is None:
     cursor = Cursor.create(batch)
@@ -33,4 +46,4 @@ def locate(positions: jax.Array, cursor: Cursor | None = None) -> tuple[jax.Arra
   running = cursor.document[:, None] + jnp.cumsum(positions == 0, axis=1, dtype=jnp.int32)  # [B, T]
   documents = jnp.where(positions < 0, PAD_DOCUMENT, running)
   advanced = Cursor(next_index=cursor.next_index + length, document=running[:, -1])
-  return token_index, documents, advanced
+  return Segments(positions=positions, index=token_index, document=documents), advanced

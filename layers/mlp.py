@@ -24,10 +24,14 @@ class GatedMLP(nnx.Module):
     if activation not in ACTIVATIONS:
       raise ValueError(f'unknown MLP activation {activation!r}; known: {sorted(ACTIVATIONS)}')
     self.activation = activation
+    self.dim, self.hidden_dim = dim, hidden_dim
     common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate = Dense(dim, hidden_dim, names=(sharding.EMBED, sharding.MLP), **common)
     self.up = Dense(dim, hidden_dim, names=(sharding.EMBED, sharding.MLP), **common)
     self.down = Dense(hidden_dim, dim, names=(sharding.MLP, sharding.EMBED), init_scale=out_init_scale, **common)
+
+  def flops_per_token(self) -> float:
+    return 2 * 3 * self.dim * self.hidden_dim
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
     hidden = ACTIVATIONS[self.activation](self.gate(x)) * self.up(x)  # [B, T, M]

@@ -18,9 +18,14 @@ class SeriesIO(nnx.Module):
 
   def __init__(self, features: int, dim: int, *, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    self.dim, self.features = dim, features
     common = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.project_in = Dense(features, dim, names=(None, sharding.EMBED), **common)
     self.project_out = Dense(dim, features, names=(sharding.EMBED, None), **common)
+
+  def flops_per_token(self) -> float:
+    """Both projections, in and out."""
+    return 2 * 2 * self.features * self.dim
 
   def embed_tokens(self, values: jax.Array) -> jax.Array:  # [B, T, F] float -> [B, T, D]
     x = self.project_in(values)

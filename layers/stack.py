@@ -4,14 +4,18 @@
 them with one `jax.lax.scan`, so compile time does not grow with depth; the
 per-layer decode caches are stacked the same way. `remat` names a
 `jax.checkpoint` policy that decides what the backward pass recomputes.
+Each layer follows the mixer protocol (layers/residual.py): `init_caches` and
+`flops_per_token` ask the layers themselves.
 """
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from layers import sharding
+from layers.flops import Lengths
 
 REMAT_POLICIES: dict[str, Any] = {
     'none': None,
@@ -64,3 +68,24 @@ def apply_layers(layers: nnx.Module, x: jax.Array, caches: Any, layer_fn: LayerF
     x, cache = one_layer(graphdef, state, x, None if caches is None else caches[i])
     new_caches.append(cache)
   return x, (None if caches is None else new_caches)
+
+
+def stack_caches(cache: Any, num_layers: int) -> Any:
+  """One layer's cache -> the stacked cache of `num_layers` scanned layers."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_layers, *a.shape)), cache)
+
+
+def init_caches(layers: nnx.Module, num_layers: int, batch: int, max_len: int, dtype: jnp.dtype, *,
+                scan: bool) -> Any:
+  """Every layer's decode cache: stacked on a leading axis when `scan` (shapes from the stacked layer), else a list."""
+  if scan:
+    return stack_caches(layers.init_cache(batch, max_len, dtype), num_layers)
+  return [layer.init_cache(batch, max_len, dtype) for layer in layers]
+
+
+def flops_per_token(layers: nnx.Module, num_layers: int, seq_len: int, doc_lengths: Lengths | None, *,
+                    scan: bool) -> float:
+  """Forward FLOPs per token of all the layers (scanned layers are all alike)."""
+  if scan:
+    return num_layers * layers.flops_per_token(seq_len, doc_lengths)
+  return sum(layer.flops_per_token(seq_len, doc_lengths) for layer in layers)

@@ -26,11 +26,16 @@ class TokenIO(nnx.Module):
     scale = np.float32(dim ** 0.5)  # numpy: a constant, also when the model is built under a trace
     self.input_scale = float(scale.astype(dtype) if round_scale_to_dtype else scale)
     self.logits_soft_cap = logits_soft_cap
+    self.dim, self.vocab_size = dim, vocab_size
     if embed_init_std is None:
       embed_init_std = dim ** -0.5 if tie_embeddings else 1.0
     self.embed = Embed(vocab_size, dim, init_std=embed_init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.lm_head = None if tie_embeddings else Dense(
         dim, vocab_size, names=(sharding.EMBED, sharding.VOCAB), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def flops_per_token(self) -> float:
+    """The logits' matmul (the embedding is a lookup)."""
+    return 2 * self.dim * self.vocab_size
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:  # [B, T] int32 -> [B, T, D]
     x = self.embed(tokens)

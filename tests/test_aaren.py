@@ -22,7 +22,7 @@ def inputs(scale: float, seed: int = 0):
   rng = np.random.default_rng(seed)
   scores = jnp.asarray(rng.normal(size=(B, T, H)) * scale, jnp.float32)
   values = jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32)
-  return scores, values, locate(POSITIONS)[1]
+  return scores, values, locate(POSITIONS)[0].document
 
 
 def softmax_attention(scores, values, documents):

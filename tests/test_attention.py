@@ -21,7 +21,7 @@ def reference_attention(module: Attention, x, positions, window):
   q = np.asarray(apply_rope(module.query(x), positions, **module.rope))
   k = np.asarray(apply_rope(module.key(x), positions, **module.rope))
   v = np.asarray(module.value(x))
-  _, documents, _ = locate(positions)
+  documents = locate(positions)[0].document
   documents = np.asarray(documents)
   batch, length = positions.shape
   group = HEADS // KV_HEADS
@@ -42,8 +42,7 @@ def test_window_equals_banded_reference_across_documents(window):
   module = Attention(DIM, HEADS, KV_HEADS, HEAD_DIM, window=window or None, rngs=nnx.Rngs(0))
   positions = packed_positions(LENGTHS)
   x = jax.random.normal(jax.random.key(1), (2, 18, DIM))
-  token_index, documents, _ = locate(positions)
-  y, _ = module(x, positions, token_index, documents)
+  y, _ = module(x, locate(positions)[0])
   np.testing.assert_allclose(y, reference_attention(module, x, positions, window), atol=2e-5)
 
 
@@ -51,7 +50,8 @@ def test_sliding_window_is_full_attention_with_a_band_mask():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 18, HEADS if n == 0 else KV_HEADS, HEAD_DIM)), jnp.float32)
              for n in range(3))
-  index, documents, _ = locate(packed_positions(LENGTHS))
+  segments = locate(packed_positions(LENGTHS))[0]
+  index, documents = segments.index, segments.document
   i, j = np.arange(18)[:, None], np.arange(18)[None, :]
   band = jnp.asarray((i - j < 4))[None]
   windowed = attention_ops.xla_attention(q, k, v, attention_ops.visibility_mask(index, documents, index, documents, 4), 0.3)
@@ -66,8 +66,7 @@ def test_padding_and_later_documents_do_not_change_earlier_tokens():
   packed = packed_positions([[7, 5]])          # the same document, then another one
   outs = []
   for positions in (alone, packed):
-    token_index, documents, _ = locate(positions)
-    outs.append(module(x, positions, token_index, documents)[0])
+    outs.append(module(x, locate(positions)[0])[0])
   np.testing.assert_allclose(outs[0][:, :7], outs[1][:, :7], atol=1e-6)
   assert np.all(np.isfinite(outs[0]))  # padded queries see nothing but stay finite
 
@@ -81,7 +80,7 @@ def test_impl_switch():
 
 
 def test_document_segments_describe_each_run_for_the_packed_cudnn_call():
-  _, documents, _ = locate(packed_positions([[3, 2, 8], [16], [1] * 16], pad_to=16))  # 3 documents + padding
+  documents = locate(packed_positions([[3, 2, 8], [16], [1] * 16], pad_to=16))[0].document  # 3 documents + padding
   lengths, starts, runs = attention_ops.document_segments(documents, max_segments=4)
   np.testing.assert_array_equal(lengths[:2], [[3, 2, 8, 3], [16, -1, -1, -1]])
   np.testing.assert_array_equal(starts[:2], [[0, 3, 5, 13, -1], [0, -1, -1, -1, -1]])

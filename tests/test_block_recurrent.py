@@ -48,7 +48,8 @@ def t5_bucket_reference(n, num_buckets, max_distance):
 def indices_and_documents(positions):
   """Token index and document id of every token, as numpy (constants for the jitted references)."""
   with jax.ensure_compile_time_eval():
-    token_index, documents, _ = locate(positions)
+    segments = locate(positions)[0]
+    token_index, documents = segments.index, segments.document
     return np.asarray(token_index), np.asarray(documents)
 
 
@@ -150,7 +151,8 @@ def test_recurrent_layer_equals_direct_reference(fields):
   cfg = BlockRecurrentConfig(**{**SMALL, **fields})
   layer = Layer(cfg, True, nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(0), (3, 17, cfg.dim))
-  token_index, documents, _ = locate(POSITIONS)
+  segments = locate(POSITIONS)[0]
+  token_index, documents = segments.index, segments.document
   cache = layer.init_cache(3, jnp.float32)
   out, cache = jitted(layer)(x, POSITIONS, token_index, documents, cache)
   want, state, doc = jax.jit(lambda x: reference_layer(layer, cfg, x, POSITIONS))(x)
@@ -165,7 +167,8 @@ def test_windowed_layer_without_recurrence_equals_explicit_mask():
                                 't5_max_distance': 12})
   layer = Layer(cfg, False, nnx.Rngs(2))
   x = jax.random.normal(jax.random.key(1), (3, 17, cfg.dim))
-  token_index, documents, _ = locate(POSITIONS)
+  segments = locate(POSITIONS)[0]
+  token_index, documents = segments.index, segments.document
   out, _ = jitted(layer)(x, POSITIONS, token_index, documents, None)
 
   @jax.jit

@@ -12,7 +12,8 @@ from flax import nnx
 
 import architectures
 from architectures import goldfinch
-from architectures.base import ConfigError, mean_visible_keys
+from architectures.base import ConfigError
+from layers.flops import mean_visible_keys
 from experiments.configs import common, finch as finch_configs, goldfinch as goldfinch_configs
 from experiments.configs import transformer as transformer_configs
 from trainers import partitioning

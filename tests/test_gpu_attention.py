@@ -25,7 +25,8 @@ def test_cudnn_equals_xla(window, kv_heads, rows):
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(2, 256, 8, 64)), jnp.bfloat16)
   k, v = (jnp.asarray(rng.normal(size=(2, 256, kv_heads, 64)), jnp.bfloat16) for _ in range(2))
-  index, documents, _ = locate(packed_positions(ROWS[rows], pad_to=256))
+  segments = locate(packed_positions(ROWS[rows], pad_to=256))[0]
+  index, documents = segments.index, segments.document
   real = (documents >= 0)[:, :, None, None]  # padding queries' outputs are never used; the two forms differ there
   dy = jnp.where(real, jnp.asarray(rng.normal(size=q.shape), jnp.bfloat16), 0)
   forms = {'xla': lambda q, k, v: attention_ops.xla_attention(

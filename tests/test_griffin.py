@@ -13,7 +13,8 @@ from flax import nnx
 
 import architectures
 from architectures import griffin_convert
-from architectures.base import ConfigError, mean_visible_keys
+from architectures.base import ConfigError
+from layers.flops import mean_visible_keys
 from tests.helpers import packed_positions, random_tokens
 
 VOCAB, LENGTH, PROMPT = 64, 24, 9

@@ -22,8 +22,10 @@ def test_scores_in_blocks_of_queries_equal_scores_whole(window, monkeypatch):
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(2, 37, 4, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 50, 2, 8)), jnp.float32) for _ in range(2))
-  q_index, q_document, _ = locate(packed_positions([[20, 17], [30]], pad_to=37))
-  k_index, k_document, _ = locate(packed_positions([[20, 30], [44]], pad_to=50))
+  segments = locate(packed_positions([[20, 17], [30]], pad_to=37))[0]
+  q_index, q_document = segments.index, segments.document
+  segments = locate(packed_positions([[20, 30], [44]], pad_to=50))[0]
+  k_index, k_document = segments.index, segments.document
   attend = lambda: attention_ops.attend_visible(q, k, v, q_index, q_document, k_index, k_document, window, 0.3)
   whole = attend()
   monkeypatch.setattr(attention_ops, 'DENSE_SCORES_LIMIT', 0)

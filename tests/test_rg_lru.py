@@ -263,7 +263,7 @@ def conv_by_hand(kernel, bias, x, documents):
 def test_conv_drops_taps_across_document_starts_and_padding():
   conv = build(lambda: CausalConv1D(6, 4, rngs=nnx.Rngs(0)))
   positions = packed_positions([[2, 7, 3], [5, 4]], pad_to=12)  # documents of length 2 (< width), padding in row 1
-  _, documents, _ = locate(positions)
+  documents = locate(positions)[0].document
   x = normal((2, 12, 6), 2)
   y, _ = call(conv, x, documents)
   expected = conv_by_hand(np.asarray(conv.kernel[...]), np.asarray(conv.bias[...]), np.asarray(x), np.asarray(documents))

@@ -27,7 +27,8 @@ def test_splash_equals_xla_over_packed_rows(window, kv_heads):
   q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, head_dim)), jnp.float32) for _ in range(2))
   positions = packed_positions([[50, 78], [128], [30, 30, 40], [90]], pad_to=length)  # starts mid-row; padding
-  index, documents, _ = locate(positions)
+  segments = locate(positions)[0]
+  index, documents = segments.index, segments.document
   real = (positions >= 0)[..., None, None]  # padded queries' outputs are never read
 
   def loss(impl):

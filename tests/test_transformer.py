@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import architectures
-from architectures.base import ConfigError, mean_visible_keys
+from architectures.base import ConfigError
+from layers.flops import mean_visible_keys
 from tests.helpers import jitted, packed_positions, random_tokens, tiny_model
 
 VOCAB = 64
@@ -82,6 +83,9 @@ def test_flops_are_twice_the_matmul_parameters_plus_attention():
   attention = 2 * 2 * 4 * 8 * mean_visible_keys(32, 8) * 2  # 2 flops x (QK, PV) x heads x head_dim x keys x layers
   assert model.flops_per_token(32) == pytest.approx(2 * matmul + attention)
   assert mean_visible_keys(4, 0) == 2.5 and mean_visible_keys(4, 2) == 1.75
+  assert mean_visible_keys([2, 2], 0) == 1.5 and mean_visible_keys([1, 3], 2) == 1.5  # keys of its document only
+  per_document = 2 * 2 * 4 * 8 * mean_visible_keys([5, 20, 7], 8) * 2  # rows of 3 documents do less work
+  assert model.flops_per_token(32, doc_lengths=[5, 20, 7]) == pytest.approx(2 * matmul + per_document)
 
 
 def test_tied_embeddings_and_soft_cap():

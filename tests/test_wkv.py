@@ -216,7 +216,7 @@ POSITIONS = packed_positions([[5, 7], [12]], pad_to=14)  # row 0: a document sta
 
 def test_token_shift_resets_at_document_starts_and_continues_from_its_state():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 14, 3)), jnp.float32)
-  _, documents, _ = locate(POSITIONS)
+  documents = locate(POSITIONS)[0].document
   shift = jax.jit(token_shift.token_shift)
   x_prev, none = shift(x, documents)
   assert none is None
@@ -249,7 +249,7 @@ def naive_time_mix(p, x, positions, variant):
   """Finch (RWKV-6) or Finch-C2 (docs/architectures.md, GoldFinch) in float64 numpy from the layer's parameters."""
   x = np.asarray(x, np.float64)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
-  _, documents, _ = locate(positions)
+  documents = locate(positions)[0].document
   documents = np.asarray(documents)
   x_prev = np.zeros_like(x)
   for b in range(x.shape[0]):
@@ -296,7 +296,7 @@ def test_time_mix_follows_its_equations_and_decodes_as_one_pass(variant):
   mix = random_params(lambda: TimeMix(D, HEADS, HEAD, layer=1, num_layers=3, variant=variant, mix_rank=3,
                                       decay_rank=5, chunk_size=8, rngs=nnx.Rngs(0)))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 14, D)), jnp.float32)
-  _, documents, _ = locate(POSITIONS)
+  documents = locate(POSITIONS)[0].document
   run = nnx.jit(lambda m, x, positions, documents, cache: m(x, positions, documents, cache))
   y, _ = run(mix, x, POSITIONS, documents, None)
   expected = naive_time_mix(nnx.to_pure_dict(nnx.state(mix, nnx.Param)), x, POSITIONS, variant)

@@ -10,7 +10,8 @@ from flax import nnx
 
 import architectures
 from architectures import yoco
-from architectures.base import ConfigError, mean_visible_keys
+from architectures.base import ConfigError
+from layers.flops import mean_visible_keys
 from experiments.configs import common, transformer as transformer_configs, yoco as yoco_configs
 from tests.helpers import packed_positions, random_tokens
 from tests.test_gated_retention import random_params
