@@ -1,4 +1,4 @@
-"""Gated retention block mixer (YOCO's self-decoder, Sun et al. 2024 §2.1).
+"""Gated retention: YOCO's self-decoder mixer (Sun et al. 2024; docs/architectures.md, YOCO).
 
     q, k = RoPE(x W_q), RoPE(x W_k) * d_k^-0.5,   v = x W_v,   g = x W_g
     log gamma = logsigmoid(x W_gamma) / 16           (one scalar per head and token)
@@ -10,7 +10,8 @@ chunk of at least T tokens is the parallel form); a single decode step uses
 the recurrence on a float32 state [B, N, d_k, d_v], which is the whole decode
 cache of the layer: its size does not grow with the context. Position 0 (a
 document start) empties the state; padding (position -1) is an identity step
-(no input, no decay) with a zero output, so it disturbs no real token.
+(no input, no decay) with a zero output, so it disturbs no real token. It
+follows the mixer protocol (layers/residual.py).
 """
 import flax.struct
 import jax
@@ -19,6 +20,8 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from layers import gated_retention_ops, sharding
+from layers.documents import Segments
+from layers.flops import Lengths, attention_flops, mean_visible_keys
 from layers.linear import Dense
 from layers.rope import apply_rope
 
@@ -33,6 +36,7 @@ class RetentionCache:
 
 
 class GatedRetention(nnx.Module):
+  """x [B, T, D] -> (silu(x W_g) * RMSNorm_head(retention(q, k, v, gamma))) W_o, as the module docstring writes."""
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, *, chunk_size: int = 256,
                gate_logit_normalizer: float = 16.0, norm_eps: float = 1e-5, rope_base: float = 10000.0,
@@ -40,7 +44,7 @@ class GatedRetention(nnx.Module):
                dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if chunk_size <= 0:
       raise ValueError(f'retention chunk_size must be positive, got {chunk_size}')
-    self.num_heads, self.head_dim = num_heads, head_dim
+    self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
     self.chunk_size = chunk_size
     self.gate_logit_normalizer = gate_logit_normalizer
     self.norm_eps = norm_eps
@@ -55,12 +59,23 @@ class GatedRetention(nnx.Module):
     self.out = Dense((num_heads, head_dim), dim, names=(sharding.HEADS, sharding.HEAD_DIM, sharding.EMBED),
                      init_scale=out_init_scale, **common)
 
-  def init_cache(self, batch: int) -> RetentionCache:
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> RetentionCache:
+    """The float32 state, whatever `dtype`; its size does not depend on `max_len`."""
+    del max_len, dtype
     return RetentionCache.create(batch, self.num_heads, self.head_dim)
 
-  def __call__(self, x: jax.Array, positions: jax.Array,
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """q, k, v, g, out projections and the decay gate; q k^T and A v inside a chunk; q S and k^T v on the state."""
+    del doc_lengths  # the chunks are computed whole, whatever the documents
+    width = self.num_heads * self.head_dim
+    projections = 2 * self.dim * 5 * width + 2 * self.dim * self.num_heads
+    within_chunk = attention_flops(self.num_heads, self.head_dim, mean_visible_keys(min(self.chunk_size, seq_len)))
+    return projections + within_chunk + 2 * 2 * width * self.head_dim
+
+  def __call__(self, x: jax.Array, segments: Segments,
                cache: RetentionCache | None = None) -> tuple[jax.Array, RetentionCache | None]:
-    """x [B, T, D], positions [B, T] -> y [B, T, D], updated cache."""
+    """x [B, T, D] -> y [B, T, D], updated cache (the mixer protocol, layers/residual.py)."""
+    positions = segments.positions                                                   # [B, T]
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     padding = positions < 0                                                          # [B, T]
     q = sharding.constrain(apply_rope(self.query(x), positions, **self.rope), heads)  # [B, T, N, H]

@@ -1,7 +1,7 @@
 """YOCO: prefill with early exit + decode == one forward pass (both self-decoder
 mixers, scanned or looped, GQA/MQA), the early exit runs no cross layer over
 the prompt, chunked prefill and padded batches, the cache-size formula and its
-ratio to a Transformer's, FLOPs, configs."""
+ratio to a Transformer's, FLOPs (attention counted within documents), configs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +12,7 @@ import architectures
 from architectures import yoco
 from architectures.base import ConfigError
 from layers.flops import mean_visible_keys
+from layers.gated_retention import GatedRetention
 from experiments.configs import common, transformer as transformer_configs, yoco as yoco_configs
 from tests.helpers import packed_positions, random_tokens
 from tests.test_gated_retention import random_params
@@ -63,7 +64,7 @@ def test_early_exit_runs_no_cross_layer_over_the_prompt(monkeypatch):
   """Layer calls are recorded while tracing (nothing is compiled)."""
   model = tiny_yoco()
   seen = []
-  for cls in (yoco.SelfLayer, yoco.CrossLayer):
+  for cls in (GatedRetention, yoco.CrossAttention):  # the self and cross layers' mixers
     def record(self, x, *args, _original=cls.__call__, _name=cls.__name__):
       seen.append((_name, x.shape[1]))
       return _original(self, x, *args)
@@ -72,10 +73,11 @@ def test_early_exit_runs_no_cross_layer_over_the_prompt(monkeypatch):
   prompt = (TOKENS[:, :PROMPT], ROWS[:, :PROMPT], cache)
   logits, _ = jax.eval_shape(lambda: model(*prompt, last_only=True))
   assert logits.shape == (2, 1, VOCAB)
-  assert seen == [('SelfLayer', PROMPT)] * 2 + [('CrossLayer', 1)] * 2  # cross layers: the last position only
+  # cross layers: the last position only
+  assert seen == [('GatedRetention', PROMPT)] * 2 + [('CrossAttention', 1)] * 2
   seen.clear()
   jax.eval_shape(lambda: model(*prompt))
-  assert seen == [('SelfLayer', PROMPT)] * 2 + [('CrossLayer', PROMPT)] * 2
+  assert seen == [('GatedRetention', PROMPT)] * 2 + [('CrossAttention', PROMPT)] * 2
 
 
 def test_chunked_prefill_and_padded_rows_equal_forward():
@@ -166,6 +168,19 @@ def test_flops_are_twice_the_matmul_parameters_plus_mixing(mixer):
   else:
     self_mixing = 2 * 2 * 2 * heads * head_dim * mean_visible_keys(seq, 5)
   assert model.flops_per_token(seq) == pytest.approx(2 * matmul + cross + self_mixing)
+
+
+@pytest.mark.parametrize('mixer', ['gated_retention', 'sliding_window'])
+def test_attention_flops_are_counted_within_documents(mixer):
+  """Rows of documents of 8 and 24 tokens: the cross layers (and windows) see only their document's keys;
+  retention chunks are computed whole whatever the documents."""
+  model = tiny_yoco(self_mixer=mixer)
+  heads, head_dim, seq, docs = 4, 8, 32, [8, 24, 8, 24]
+  attention = lambda keys: 2 * 2 * heads * head_dim * keys  # QK and AV per query
+  saved = 2 * attention(mean_visible_keys(seq) - mean_visible_keys(docs))  # 2 cross layers
+  if mixer == 'sliding_window':
+    saved += 2 * attention(mean_visible_keys(seq, 5) - mean_visible_keys(docs, 5))  # 2 self layers
+  assert model.flops_per_token(seq) - model.flops_per_token(seq, docs) == pytest.approx(saved)
 
 
 @pytest.mark.parametrize('fields,message', [
