@@ -6,19 +6,19 @@
     model = architectures.create_model(dict(name='griffin', **fields), nnx.Rngs(0))
     griffin_convert.load_reference_params(model, params)
 
-Mapping (recurrentgemma `blocks.<i>` -> our layer i; layers sit in groups of
-len(block_pattern), the rest in `tail`):
+Mapping (recurrentgemma `blocks.<i>` -> our layer i, a layers/residual.ResidualBlock; layers sit in
+groups of len(block_pattern), `groups.<g>.blocks.<j>`, the rest in `tail.0.blocks.<j>`):
   embedder.input_embedding               -> io.embed.table
-  temporal_pre_norm / channel_pre_norm   -> temporal_norm / mlp_norm
+  temporal_pre_norm / channel_pre_norm   -> mixer_norm / mlp_norm
   mlp_block.ffw_up.w [2, D, M], b [2,1,1,M] -> mlp.gate (index 0, under the GELU), mlp.up (index 1)
   mlp_block.ffw_down                     -> mlp.down
-  recurrent_block.linear_{x,y} [D, lru]  -> recurrent.linear_in [D, 2, lru] (index 0: x, 1: y)
-  recurrent_block.linear_out             -> recurrent.linear_out
-  recurrent_block.conv_1d.{w,b}          -> recurrent.conv.{kernel,bias} (w[-1] multiplies the current token in both)
-  recurrent_block.rg_lru.a_param         -> recurrent.lru.a_param
-  recurrent_block.rg_lru.{input_gate, a_gate}.{w [H, i, j], b [H, j]} -> recurrent.lru.gates [2, H, i, j], [2, H, j]
-  attention_block.proj_{q,k,v} [D, N*H]  -> attention.{query,key,value} [D, N, H]
-  attention_block.proj_final [N*H, D]    -> attention.out [N, H, D] (+ bias)
+  recurrent_block.linear_{x,y} [D, lru]  -> mixer.linear_in [D, 2, lru] (index 0: x, 1: y)
+  recurrent_block.linear_out             -> mixer.linear_out
+  recurrent_block.conv_1d.{w,b}          -> mixer.conv.{kernel,bias} (w[-1] multiplies the current token in both)
+  recurrent_block.rg_lru.a_param         -> mixer.lru.a_param
+  recurrent_block.rg_lru.{input_gate, a_gate}.{w [H, i, j], b [H, j]} -> mixer.lru.gates [2, H, i, j], [2, H, j]
+  attention_block.proj_{q,k,v} [D, N*H]  -> mixer.{query,key,value} [D, N, H]
+  attention_block.proj_final [N*H, D]    -> mixer.out [N, H, D] (+ bias)
   final_norm                             -> final_norm
 
 recurrentgemma's attention window w lets a query see w + 1 keys; our `window`
@@ -68,7 +68,7 @@ def block_from_reference(block: Mapping[str, Any], num_heads: int) -> dict[str, 
   """One recurrentgemma residual block -> our ResidualBlock's parameters (a nested dict)."""
   up_w, up_b = np.asarray(block['mlp_block']['ffw_up']['w']), np.asarray(block['mlp_block']['ffw_up']['b'])
   ours: dict[str, Any] = dict(
-      temporal_norm=dict(scale=np.asarray(block['temporal_pre_norm']['scale'])),
+      mixer_norm=dict(scale=np.asarray(block['temporal_pre_norm']['scale'])),
       mlp_norm=dict(scale=np.asarray(block['channel_pre_norm']['scale'])),
       mlp=dict(gate=dict(kernel=up_w[0], bias=up_b[0].reshape(-1)),
                up=dict(kernel=up_w[1], bias=up_b[1].reshape(-1)),
@@ -78,7 +78,7 @@ def block_from_reference(block: Mapping[str, Any], num_heads: int) -> dict[str, 
     lru = rec['rg_lru']
     x, y = _dense(rec['linear_x']), _dense(rec['linear_y'])
     gates = [lru['input_gate'], lru['a_gate']]
-    ours['recurrent'] = dict(
+    ours['mixer'] = dict(
         linear_in=dict(kernel=np.stack([x['kernel'], y['kernel']], axis=1), bias=np.stack([x['bias'], y['bias']])),
         linear_out=_dense(rec['linear_out']),
         conv=dict(kernel=np.asarray(rec['conv_1d']['w']), bias=np.asarray(rec['conv_1d']['b'])),
@@ -89,7 +89,7 @@ def block_from_reference(block: Mapping[str, Any], num_heads: int) -> dict[str, 
     att = block['attention_block']
     q = np.asarray(att['proj_q']['kernel'])
     dim, head_dim = q.shape[0], q.shape[1] // num_heads
-    ours['attention'] = dict(
+    ours['mixer'] = dict(
         query=dict(kernel=q.reshape(dim, num_heads, head_dim)),
         key=dict(kernel=np.asarray(att['proj_k']['kernel']).reshape(dim, 1, -1)),
         value=dict(kernel=np.asarray(att['proj_v']['kernel']).reshape(dim, 1, -1)),

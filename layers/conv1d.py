@@ -40,7 +40,7 @@ class CausalConv1D(nnx.Module):
     """Kernel [W, D] fan-in (= W) normal with variance init_scale / W (recurrentgemma: 0.01); bias 0."""
     if width < 1:
       raise ValueError(f'conv width must be >= 1, got {width}')
-    self.width = width
+    self.dim, self.width = dim, width
     self.dtype = dtype
     init = nnx.initializers.variance_scaling(init_scale, 'fan_in', 'truncated_normal', in_axis=0, out_axis=1)
     self.kernel = nnx.Param(sharding.partitioned(init, (sharding.CONV, sharding.LRU))(
@@ -48,7 +48,7 @@ class CausalConv1D(nnx.Module):
     self.bias = nnx.Param(sharding.partitioned(nnx.initializers.zeros, (sharding.LRU,))(None, (dim,), param_dtype))
 
   def init_state(self, batch: int, dtype: jnp.dtype) -> ConvState:
-    return ConvState.create(batch, self.width, self.kernel.shape[1], dtype)
+    return ConvState.create(batch, self.width, self.dim, dtype)
 
   def __call__(self, x: jax.Array, documents: jax.Array,
                state: ConvState | None = None) -> tuple[jax.Array, ConvState | None]:

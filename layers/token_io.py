@@ -1,7 +1,8 @@
 """Token embedding in, logits out: the two ends every language model shares.
 
 in:  x = E[token] (times sqrt(D) when `scale_embeddings`, Gemma-style; the
-     constant can be rounded to the compute dtype as RecurrentGemma does)
+     constant can first be rounded to a given dtype: RecurrentGemma rounds it
+     to bfloat16 whatever the compute dtype)
 out: logits = h E^T (tied) or h W_out, in float32, optionally soft-capped
      c * tanh(logits / c) (Gemma 2, RecurrentGemma); `capped=False` leaves the
      cap to a loss that applies it in its own pass (trainers/cross_entropy.py).
@@ -19,12 +20,16 @@ from layers.linear import Dense
 class TokenIO(nnx.Module):
 
   def __init__(self, vocab_size: int, dim: int, *, tie_embeddings: bool, scale_embeddings: bool | None = None,
-               round_scale_to_dtype: bool = False, logits_soft_cap: float = 0.0, embed_init_std: float | None = None,
-               dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    """Defaults: tied tables start at std 1/sqrt(D) and are scaled by sqrt(D) on input; untied at std 1."""
+               round_scale_to: jnp.dtype | None = None, logits_soft_cap: float = 0.0,
+               embed_init_std: float | None = None, dtype: jnp.dtype = jnp.float32,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    """Defaults: tied tables start at std 1/sqrt(D) and are scaled by sqrt(D) on input; untied at std 1.
+
+    round_scale_to: the dtype sqrt(D) is rounded to before it scales the embedding (None: not rounded).
+    """
     self.scale_embeddings = tie_embeddings if scale_embeddings is None else scale_embeddings
     scale = np.float32(dim ** 0.5)  # numpy: a constant, also when the model is built under a trace
-    self.input_scale = float(scale.astype(dtype) if round_scale_to_dtype else scale)
+    self.input_scale = float(scale if round_scale_to is None else scale.astype(round_scale_to))
     self.logits_soft_cap = logits_soft_cap
     self.dim, self.vocab_size = dim, vocab_size
     if embed_init_std is None:

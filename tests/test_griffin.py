@@ -145,8 +145,9 @@ def test_last_only_and_bf16_compute():
 
 
 def test_embedding_scale_is_rounded_to_bf16():
-  assert architectures.model_config({**SMALL, 'dim': 48}).embed_scale == 6.9375 != 48 ** 0.5  # sqrt(48) = 6.928...
-  assert architectures.model_config({**SMALL, 'scale_embeddings': False}).embed_scale is None
+  io = model(dim=48).io  # float32 compute: rounded to bf16 all the same
+  assert io.scale_embeddings and io.input_scale == 6.9375 != 48 ** 0.5  # sqrt(48) = 6.928...
+  assert not model(scale_embeddings=False).io.scale_embeddings
 
 
 def test_cache_is_recurrent_state_plus_a_window_ring():
