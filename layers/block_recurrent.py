@@ -4,7 +4,7 @@ Block-Recurrent Transformer).
 A block of S state vectors s [S, D] (float32) is updated once per window of W tokens. Per window,
 with learned state IDs e [S, D] and u = RMSNorm(s) + e:
   state side:  q_s = u Wq, q2_s = u Wq2, k_s = u Wk, v_s = u Wv
-  token side:  q, q2, k, v of the window's tokens (layers/windowed_attention.py)
+  token side:  q, k, v of the window's tokens (layers/windowed_attention.py) and q2 = x W_q2
 Four attentions; keys and values are computed once per side and read by both directions, each
 direction has its own queries (the state's K/V projections are its own, as in meliad, or the token
 side's with `token_kv`: one set of K/V weights for tokens and states):
@@ -36,6 +36,11 @@ the state, so token-by-token generation follows the windowed forward pass exactl
 Two drivers, one cell: `blocked` scans the windows of a laid-out segment (jax.lax.scan, so compile
 time does not grow with the segment length); `flat` handles T < W new tokens (decoding), where at
 most one window ends.
+
+`BlockRecurrentAttention` is the recurrent layer's mixer (layers/residual.py): the windowed
+self-attention a_self of layers/windowed_attention.py and the tokens' read of the state a_state,
+projected together, y = [a_self | a_state] W_o (the paper's token side, before the residual and FFN).
+Its decode cache is the ring of token keys and the state (RecurrentLayerCache).
 """
 import flax.struct
 import jax
@@ -43,10 +48,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import sharding
+from layers.documents import Segments
+from layers.flops import Lengths, attention_flops
+from layers.kv_cache import KVCache
 from layers.linear import Dense
 from layers.mlp import ACTIVATIONS
 from layers.norms import RMSNorm
-from layers.windowed_attention import Keys, Layout, attend, l2_normalise
+from layers.windowed_attention import Blocked, Keys, Layout, WindowedAttention, attend, l2_normalise
 
 GATES = ('fixed', 'lstm')
 VARIANTS = ('skip', 'single', 'dual')
@@ -129,8 +137,9 @@ class BlockRecurrentCell(nnx.Module):
     of K/V weights for tokens and states); by default the state has its own (meliad)."""
     if variant not in VARIANTS:
       raise ValueError(f'unknown variant {variant!r}; known: {VARIANTS}')
-    self.num_heads, self.head_dim, self.window, self.num_states = num_heads, head_dim, window, num_states
-    self.variant, self.qk_norm, self.read_previous_window = variant, qk_norm, read_previous_window
+    self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
+    self.window, self.num_states, self.mlp_dim = window, num_states, mlp_dim
+    self.gate, self.variant, self.qk_norm, self.read_previous_window = gate, variant, qk_norm, read_previous_window
     self.dtype = dtype
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     state_names = (None, sharding.EMBED)
@@ -167,6 +176,23 @@ class BlockRecurrentCell(nnx.Module):
         self.ffn_gate = Gate(gate, mlp_dim, dim, (sharding.MLP,), **common)
       else:
         self.ffn_norm = self.ffn = self.ffn_gate = None
+
+  def new_state(self, batch: int, dtype: jnp.dtype) -> RecurrentState:
+    """No state yet (document -1): the first window that ends starts from the learned initial state."""
+    return RecurrentState.create(batch, self.num_states, self.dim, self.num_kv_heads, self.head_dim, dtype)
+
+  def flops_per_token(self) -> float:
+    """The state side, once per window of W tokens for S states: its q, q2, k, v, its two attentions
+    (over the S states and the W (2W) keys it reads), then the output projection, FFN and gates."""
+    d, n, k, h, m, s = self.dim, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim, self.num_states
+    read_keys = self.window * (2 if self.read_previous_window else 1)
+    per_state = 2 * d * (2 * n * h + 2 * k * h) + attention_flops(n, h, s + read_keys)  # tied K/V: the same
+    per_state += {'skip': 2 * 2 * n * h * d, 'dual': 2 * 2 * n * h * d + 2 * 3 * d * m,
+                  'single': 2 * 2 * (2 * n * h) * m + 2 * m * d}[self.variant]
+    if self.gate == 'lstm':  # forget and input projections of each gate's input
+      gate_in = {'skip': [2 * n * h], 'dual': [2 * n * h, m], 'single': [m]}[self.variant]
+      per_state += sum(2 * 2 * g * d for g in gate_in)
+    return s * per_state / self.window
 
   # -- the cell ------------------------------------------------------------------------------
 
@@ -320,3 +346,81 @@ class BlockRecurrentCell(nnx.Module):
     old_k, old_v = self.project_kv(carry.state)  # fresh (a carried cache may predate a parameter update)
     sources = [(old_k, old_v, old_same), (new.keys, new.values, new_same), (init_k, init_v, ~(old_same | new_same))]
     return self.read(q2, read_scale, sources), new
+
+
+@flax.struct.dataclass
+class RecurrentLayerCache:
+  kv: KVCache                # the ring of the last window(s) of token keys
+  recurrent: RecurrentState
+
+
+class BlockRecurrentAttention(WindowedAttention):
+  """The recurrent layer's mixer: x [B, T, D] -> y = [a_self | a_state] W_o, a_self the windowed
+  self-attention (WindowedAttention), a_state each token's read of the state of its window's start
+  (query q2 = x W_q2 over the state's keys and values); the cell advances the state at every window end."""
+
+  reads = 2  # W_o reads a_self and a_state
+
+  def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int, num_states: int,
+               gate: str = 'fixed', variant: str = 'skip', mlp_dim: int = 0, mlp_activation: str = 'silu',
+               read_previous_window: bool = False, tie_state_kv: bool = False, norm_eps: float = 1e-6,
+               dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs,
+               **attention):
+    """`attention`: WindowedAttention's options (span, position, qk_norm, ...); `tie_state_kv`: the
+    states use the tokens' K/V projections (else their own, as meliad)."""
+    super().__init__(dim, num_heads, num_kv_heads, head_dim, window=window, dtype=dtype, param_dtype=param_dtype,
+                     rngs=rngs, **attention)
+    self.read_previous_window = read_previous_window
+    self.query2 = Dense(dim, (num_heads, head_dim), names=(sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM),
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    ones = sharding.partitioned(nnx.initializers.ones, (sharding.HEADS,))
+    self.scale2 = nnx.Param(ones(None, (num_heads,), param_dtype)) if self.qk_norm else None
+    self.cell = BlockRecurrentCell(
+        dim, num_heads, num_kv_heads, head_dim, window=window, num_states=num_states, gate=gate, variant=variant,
+        mlp_dim=mlp_dim, mlp_activation=mlp_activation, qk_norm=self.qk_norm,
+        read_previous_window=read_previous_window, token_kv=(self.key, self.value) if tie_state_kv else None,
+        norm_eps=norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, segments: Segments,
+               cache: RecurrentLayerCache | None = None) -> tuple[jax.Array, RecurrentLayerCache | None]:
+    """x [B, T, D] -> y [B, T, D], the cache with this call's keys and the state after its last whole window."""
+    q, k, v = self.project(x, segments.positions)
+    q2 = self.read_query(x)
+    kv = None if cache is None else cache.kv
+    carry = self.cell.new_state(x.shape[0], k.dtype) if cache is None else cache.recurrent
+    attended, keys = self.attend_tokens(q, k, v, segments, kv)  # [B, T, N, H]
+    if isinstance(keys, Blocked):  # the state scanned over whole windows
+      read, carry = self.cell.blocked(keys.layout, keys.layout.place(q2), keys.keys, carry, self.read_scale())
+      read = keys.layout.take(read)
+    else:  # a few new tokens (decoding)
+      read, carry = self.cell.flat(q2, segments.index, segments.document, keys.k, keys.v, keys.index, keys.document,
+                                   carry, self.read_scale())
+    y = self.out(jnp.stack([attended, read], axis=2))  # [B, T, 2, N, H] -> [B, T, D]
+    if cache is None:
+      return y, None
+    return y, RecurrentLayerCache(kv=kv.write(k, v, segments.index, segments.document), recurrent=carry)
+
+  def read_query(self, x: jax.Array) -> jax.Array:
+    """x [B, T, D] -> q2 [B, T, N, H], the tokens' queries over the state."""
+    q2 = self.query2(x)
+    if self.qk_norm:
+      q2 = l2_normalise(q2)
+    return sharding.constrain(q2, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None))
+
+  def read_scale(self):
+    """Scale of the tokens' reads of the state."""
+    return self.scale2[...] if self.qk_norm else self.head_dim ** -0.5
+
+  def cache_slots(self) -> int:
+    return self.window * (2 if self.span == 'block' or self.read_previous_window else 1)
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> RecurrentLayerCache:
+    """The ring of the last window(s) of keys and the state (float32), whatever `max_len`."""
+    return RecurrentLayerCache(kv=super().init_cache(batch, max_len, dtype), recurrent=self.cell.new_state(batch, dtype))
+
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """The windowed self-attention's, plus q2, the wider output projection, the read of S states
+    and the cell's state side (once per window)."""
+    n, h = self.num_heads, self.head_dim
+    read = 2 * self.dim * n * h + 2 * n * h * self.dim + attention_flops(n, h, self.cell.num_states)
+    return super().flops_per_token(seq_len, doc_lengths) + read + self.cell.flops_per_token()

@@ -1,8 +1,9 @@
 """Windowed causal attention: each window of W tokens attends to itself and the previous window.
 
 The attention of the Block-Recurrent Transformer (Hutchins et al. 2022; docs/architectures.md,
-Block-Recurrent Transformer), usable
-alone as Transformer-XL-style attention with a memory of one window. Window k holds the tokens of
+Block-Recurrent Transformer): `WindowedAttention` is the mixer of its non-recurrent layers (and
+usable alone as Transformer-XL-style attention with a memory of one window); the recurrent layer
+(layers/block_recurrent.py) extends it. Window k holds the tokens of
 index kW .. kW + W - 1 in the row (indices continue across cached calls, so windows do too).
 Query i sees key j when both are in the same document, j <= i and
   span='sliding':  i - j < W               (the last W tokens, itself included: the codebase's
@@ -14,7 +15,10 @@ Both masks only reach into the previous window, so a call is computed in one of 
            tokens from the cache, the last padded); window w's W queries attend to the 2W keys of
            windows w - 1 and w: O(T * 2W) work and memory, no mask over the whole segment;
   flat:    T < W new tokens (decoding) attend to the cache's slots and to themselves.
-They are one function: the same mask (from token index and document) and the same scores.
+They are one function: the same mask (from token index and document) and the same scores. A call
+over its own tokens only (no cache, or a prompt continuing no cached document) goes through the
+shared kernels instead (`impl`: cuDNN, splash; layers/attention_ops.py) where their mask is this
+one: span='sliding' without the T5 bias.
 Decode cache: a ring buffer (KVCache) of W slots ('sliding') or 2W ('block', or when the
 recurrent cell reads the previous window too), token i in slot i mod slots.
 
@@ -25,14 +29,16 @@ adds a learned T5 relative position bias (per head, `num_buckets` log-spaced buc
 """
 import dataclasses
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers import sharding
-from layers.documents import PAD_DOCUMENT
+from layers import attention_ops, sharding
+from layers.documents import PAD_DOCUMENT, Segments
+from layers.flops import Lengths, attention_flops, document_lengths, mean_visible_keys, token_offsets
 from layers.kv_cache import KVCache
 from layers.linear import Dense
 from layers.rope import apply_rope
@@ -40,6 +46,11 @@ from layers.rope import apply_rope
 SPANS = ('sliding', 'block')
 POSITIONS = ('rope', 't5', 'none')
 _MASKED = -1e30  # finite: a fully masked query row stays finite
+
+
+def kernel_mask(span: str, position: str) -> bool:
+  """The shared kernels' mask (layers/attention_ops.py: the last W keys, no bias) is this attention's."""
+  return span == 'sliding' and position != 't5'
 
 
 def visible(q_index: jax.Array, q_document: jax.Array, k_index: jax.Array, k_document: jax.Array,
@@ -203,13 +214,40 @@ def layout_keys(layout: Layout, k: jax.Array, v: jax.Array, documents: jax.Array
       prev_k=prev[0].astype(k.dtype), prev_v=prev[1].astype(v.dtype), prev_document=prev[2])
 
 
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+  """The keys a blocked call attended: its layout and the keys laid out in it."""
+  layout: Layout
+  keys: Keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat:
+  """The keys a flat call attended: the cache's slots, then the new tokens."""
+  k: jax.Array         # [B, L, K, H]
+  v: jax.Array
+  index: jax.Array     # [B, L]
+  document: jax.Array  # [B, L]
+
+
 class WindowedAttention(nnx.Module):
-  """Projections (q, k, v and, for the recurrent layer, a second query q2 that reads the state),
-  position encoding, and the windowed self-attention in its blocked and flat forms."""
+  """The windowed self-attention mixer (layers/residual.py): x [B, T, D] -> y = o W_o, where
+  o = softmax(q k^T * scale + bias) v over the keys `visible` lets each query see, q, k, v = x W_q,
+  x W_k, x W_v (RoPE-rotated, or with a T5 bias). The projections, position encoding and the
+  blocked and flat forms are shared with the block-recurrent layer (layers/block_recurrent.py).
+
+  `impl` (layers/attention_ops.IMPLEMENTATIONS) is the kernel for a call's self-attention over its
+  own tokens (no cache, or a prompt continuing no cached document): cuDNN or splash serve
+  span='sliding' without the T5 bias (their window mask is exactly `visible`'s), under qk_norm with
+  the per-head scale folded into q; elsewhere, and for impl 'xla', the blocked form runs.
+  """
+
+  # How many [N, H] results the output projection reads: the self-attention (a subclass adds its own).
+  reads: ClassVar[int] = 1
 
   def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *, window: int,
                span: str = 'sliding', position: str = 'rope', qk_norm: bool = False, rope_base: float = 10000.0,
-               num_buckets: int = 32, max_distance: int = 128, cross_query: bool = False,
+               num_buckets: int = 32, max_distance: int = 128, impl: str = 'xla', out_init_scale: float = 1.0,
                dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if span not in SPANS:
       raise ValueError(f'unknown window span {span!r}; known: {SPANS}')
@@ -217,45 +255,79 @@ class WindowedAttention(nnx.Module):
       raise ValueError(f'unknown position encoding {position!r}; known: {POSITIONS}')
     if num_heads % num_kv_heads:
       raise ValueError(f'num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}')
-    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    if impl not in attention_ops.IMPLEMENTATIONS:
+      raise ValueError(f'unknown attention impl {impl!r}; known: {attention_ops.IMPLEMENTATIONS}')
+    if impl in ('cudnn', 'splash') and not kernel_mask(span, position):
+      raise ValueError(f'attention impl {impl!r} needs span=\'sliding\' and no T5 bias '
+                       f'(got span={span!r}, position={position!r})')
+    self.dim, self.num_heads, self.num_kv_heads, self.head_dim = dim, num_heads, num_kv_heads, head_dim
     self.window, self.span, self.position, self.qk_norm = window, span, position, qk_norm
-    self.rope_base, self.num_buckets, self.max_distance = rope_base, num_buckets, max_distance
+    self.rope_base, self.num_buckets, self.max_distance, self.impl = rope_base, num_buckets, max_distance, impl
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     q_names = (sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM)
     kv_names = (sharding.EMBED, sharding.KV_HEADS, sharding.HEAD_DIM)
     self.query = Dense(dim, (num_heads, head_dim), names=q_names, **common)
     self.key = Dense(dim, (num_kv_heads, head_dim), names=kv_names, **common)
     self.value = Dense(dim, (num_kv_heads, head_dim), names=kv_names, **common)
-    self.query2 = Dense(dim, (num_heads, head_dim), names=q_names, **common) if cross_query else None
     ones = sharding.partitioned(nnx.initializers.ones, (sharding.HEADS,))
     self.scale = nnx.Param(ones(None, (num_heads,), param_dtype)) if qk_norm else None
-    self.scale2 = nnx.Param(ones(None, (num_heads,), param_dtype)) if qk_norm and cross_query else None
     if position == 't5':
       init = sharding.partitioned(nnx.initializers.normal(num_heads ** -0.5), (None, sharding.HEADS))
       self.relative_bias = nnx.Param(init(rngs.params(), (num_buckets, num_heads), param_dtype))
     else:
       self.relative_bias = None
+    in_shape, in_names = (num_heads, head_dim), (sharding.HEADS, sharding.HEAD_DIM)
+    if self.reads > 1:
+      in_shape, in_names = (self.reads, *in_shape), (None, *in_names)
+    self.out = Dense(in_shape, dim, names=(*in_names, sharding.EMBED), init_scale=out_init_scale, **common)
 
-  def project(self, x: jax.Array, positions: jax.Array):
-    """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], q2 [B, T, N, H] or None."""
+  # -- the mixer -------------------------------------------------------------------------------
+
+  def __call__(self, x: jax.Array, segments: Segments,
+               cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D] -> y [B, T, D], the cache with this call's keys written (None without one)."""
+    q, k, v = self.project(x, segments.positions)
+    o, _ = self.attend_tokens(q, k, v, segments, cache)  # [B, T, N, H]
+    y = self.out(o)
+    return y, (None if cache is None else cache.write(k, v, segments.index, segments.document))
+
+  def cache_slots(self) -> int:
+    return self.window * (2 if self.span == 'block' else 1)
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+    """A ring of the last window of keys (two with span='block'), whatever `max_len`."""
+    return KVCache.create(batch, self.cache_slots(), self.num_kv_heads, self.head_dim, dtype)
+
+  def visible_keys(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """The mean number of keys a query sees, within its document; 'block' windows are aligned to
+    the row's token index (documents laid end to end, rows of seq_len)."""
+    lengths = document_lengths(seq_len, doc_lengths)
+    if self.span == 'sliding':
+      return mean_visible_keys(lengths, self.window)
+    offset = token_offsets(lengths)  # index in the document
+    index = offset if np.ndim(lengths) == 0 else np.arange(offset.size) % seq_len  # index in the row
+    return float(np.minimum(offset + 1, index % self.window + 1 + self.window).mean())
+
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """The q, k, v and output projections and the attention over the visible keys."""
+    projections = 2 * self.dim * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    return projections + attention_flops(self.num_heads, self.head_dim, self.visible_keys(seq_len, doc_lengths))
+
+  # -- the pieces ------------------------------------------------------------------------------
+
+  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H]."""
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     kv_heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_KV_HEADS, None)
     q, k, v = self.query(x), self.key(x), self.value(x)
     if self.position == 'rope':
       q, k = apply_rope(q, positions, base=self.rope_base), apply_rope(k, positions, base=self.rope_base)
-    q2 = None if self.query2 is None else self.query2(x)
     if self.qk_norm:
       q, k = l2_normalise(q), l2_normalise(k)
-      q2 = None if q2 is None else l2_normalise(q2)
-    q2 = None if q2 is None else sharding.constrain(q2, heads)
-    return sharding.constrain(q, heads), sharding.constrain(k, kv_heads), sharding.constrain(v, kv_heads), q2
+    return sharding.constrain(q, heads), sharding.constrain(k, kv_heads), sharding.constrain(v, kv_heads)
 
   def self_scale(self):
     return self.scale[...] if self.qk_norm else self.head_dim ** -0.5
-
-  def cross_scale(self):
-    """Scale of the tokens' second query (reading the recurrent state)."""
-    return self.scale2[...] if self.qk_norm else self.head_dim ** -0.5
 
   def bias(self, distance: jax.Array) -> jax.Array | None:
     """Query-key distances [..., T, S] -> [..., N, T, S] (T5 bias; times the learned scale under qk_norm)."""
@@ -267,11 +339,43 @@ class WindowedAttention(nnx.Module):
     bias = table[t5_bucket(distance, self.num_buckets, self.max_distance)]  # [..., T, S, N]
     return jnp.moveaxis(bias, -1, -3)
 
-  def cache_slots(self, keep_previous_window: bool = False) -> int:
-    return self.window * (2 if self.span == 'block' or keep_previous_window else 1)
+  def attend_tokens(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments,
+                    cache: KVCache | None) -> tuple[jax.Array, Blocked | Flat]:
+    """q [B, T, N, H], k/v [B, T, K, H] -> the self-attention o [B, T, N, H], and the keys attended
+    (what the recurrent cell reads): flat for T < W new tokens after a cache, else blocked."""
+    token_index, documents = segments.index, segments.document
+    if cache is not None and q.shape[1] < self.window:
+      o, *attended = self.flat(q, k, v, token_index, documents, cache)
+      return o, Flat(*attended)
+    layout = Layout.build(token_index, self.window, cached=cache is not None)
+    keys = layout_keys(layout, k, v, documents, cache)
 
-  def init_cache(self, batch: int, dtype: jnp.dtype, keep_previous_window: bool = False) -> KVCache:
-    return KVCache.create(batch, self.cache_slots(keep_previous_window), self.num_kv_heads, self.head_dim, dtype)
+    def blocked() -> jax.Array:
+      return layout.take(self.blocked(layout, layout.place(q), keys))
+
+    impl = self.kernel(q)
+    if impl is None:
+      o = blocked()
+    elif cache is None:
+      o = self.own_tokens(q, k, v, segments, impl)
+    else:  # a prompt that continues no cached document sees only its own tokens
+      o = jax.lax.cond(cache.holds_document_of(documents), blocked, lambda: self.own_tokens(q, k, v, segments, impl))
+    return o, Blocked(layout, keys)
+
+  def kernel(self, q: jax.Array) -> str | None:
+    """The shared kernel (cuDNN, splash) for self-attention over these queries' own tokens, or None:
+    the blocked form."""
+    if not kernel_mask(self.span, self.position):
+      return None
+    impl = attention_ops.resolve_impl(self.impl, q.dtype, self.head_dim, q.shape[1])
+    return None if impl == 'xla' else impl
+
+  def own_tokens(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments, impl: str) -> jax.Array:
+    """Self-attention over the call's own tokens through the kernel `impl` -> [B, T, N, H]."""
+    scale = self.self_scale()
+    if self.qk_norm:  # the kernels take one scale: the learned per-head one goes into q
+      q, scale = q * scale.astype(q.dtype)[:, None], 1.0
+    return attention_ops.self_attention(q, k, v, segments.index, segments.document, self.window, scale, impl)
 
   def blocked(self, layout: Layout, q: jax.Array, keys: Keys) -> jax.Array:
     """Padded queries [B, P, N, H] -> outputs [B, P, N, H]; window w attends to windows w - 1 and w."""

@@ -11,7 +11,7 @@ from flax import nnx
 
 import architectures
 from architectures.base import ConfigError
-from architectures.block_recurrent import BlockRecurrentConfig, Layer
+from architectures.block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
 from layers.documents import locate
 from tests.helpers import jitted, packed_positions, random_tokens
 
@@ -105,13 +105,15 @@ def reference_layer(layer, cfg, x, positions):
   explicit masks, the state advanced by a Python loop over windows. -> (output, state, document)."""
   w, length, batch = cfg.window, x.shape[1], x.shape[0]
   _, documents = indices_and_documents(positions)
-  q, k, v, q2 = layer.attention.project(layer.attention_norm(x), positions)
-  attended = reference_self_attention(layer.attention, q, k, v, positions, cfg)
-  cell = layer.cell
+  mixer = layer.mixer
+  q, k, v = mixer.project(layer.mixer_norm(x), positions)
+  q2 = mixer.read_query(layer.mixer_norm(x))
+  attended = reference_self_attention(mixer, q, k, v, positions, cfg)
+  cell = mixer.cell
   init = jnp.broadcast_to(cell.initial_state[...], (batch, *cell.initial_state.shape))
   kv = lambda s: (lambda u: (cell.key(u), cell.value(u)))(cell.norm(s) + cell.state_ids[...])
   norm = (lambda x: x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-6)) if cfg.qk_norm else (lambda x: x)
-  scale2 = layer.attention.scale2[...] if cfg.qk_norm else cfg.heads_dim ** -0.5
+  scale2 = mixer.scale2[...] if cfg.qk_norm else cfg.heads_dim ** -0.5
   state, doc = jnp.zeros_like(init), jnp.full((batch,), -1)
   reads = []
   for start in range(0, length, w):
@@ -131,7 +133,7 @@ def reference_layer(layer, cfg, x, positions):
       apply = mask.any(axis=1)
       state = jnp.where(apply[:, None, None], new, state)
       doc = jnp.where(apply, target, doc)
-  out = x + layer.out(jnp.stack([attended, jnp.concatenate(reads, axis=1)], axis=2))
+  out = x + mixer.out(jnp.stack([attended, jnp.concatenate(reads, axis=1)], axis=2))
   return out + layer.mlp(layer.mlp_norm(out)), state, doc
 
 
@@ -149,12 +151,10 @@ POSITIONS = packed_positions([[6, 8, 3], [2, 12], [14]], pad_to=17)  # 17 tokens
 ])
 def test_recurrent_layer_equals_direct_reference(fields):
   cfg = BlockRecurrentConfig(**{**SMALL, **fields})
-  layer = Layer(cfg, True, nnx.Rngs(1))
+  layer = BlockRecurrentTransformer.make_block(cfg, True, nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(0), (3, 17, cfg.dim))
-  segments = locate(POSITIONS)[0]
-  token_index, documents = segments.index, segments.document
-  cache = layer.init_cache(3, jnp.float32)
-  out, cache = jitted(layer)(x, POSITIONS, token_index, documents, cache)
+  cache = layer.init_cache(3, 17, jnp.float32)
+  out, cache = jitted(layer)(x, locate(POSITIONS)[0], cache)
   want, state, doc = jax.jit(lambda x: reference_layer(layer, cfg, x, POSITIONS))(x)
   real = np.asarray(POSITIONS >= 0)
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(want)[real], atol=2e-5)
@@ -165,16 +165,14 @@ def test_recurrent_layer_equals_direct_reference(fields):
 def test_windowed_layer_without_recurrence_equals_explicit_mask():
   cfg = BlockRecurrentConfig(**{**SMALL, 'window_span': 'block', 'position': 't5', 't5_buckets': 8,
                                 't5_max_distance': 12})
-  layer = Layer(cfg, False, nnx.Rngs(2))
+  layer = BlockRecurrentTransformer.make_block(cfg, False, nnx.Rngs(2))
   x = jax.random.normal(jax.random.key(1), (3, 17, cfg.dim))
-  segments = locate(POSITIONS)[0]
-  token_index, documents = segments.index, segments.document
-  out, _ = jitted(layer)(x, POSITIONS, token_index, documents, None)
+  out, _ = jitted(layer)(x, locate(POSITIONS)[0], None)
 
   @jax.jit
   def reference(x):
-    q, k, v, _ = layer.attention.project(layer.attention_norm(x), POSITIONS)
-    want = x + layer.out(reference_self_attention(layer.attention, q, k, v, POSITIONS, cfg))
+    q, k, v = layer.mixer.project(layer.mixer_norm(x), POSITIONS)
+    want = x + layer.mixer.out(reference_self_attention(layer.mixer, q, k, v, POSITIONS, cfg))
     return want + layer.mlp(layer.mlp_norm(want))
 
   want = reference(x)
@@ -271,6 +269,22 @@ def test_last_only_cache_bytes_and_flops():
   assert model.flops_per_token(64) > brt(num_layers=1, recurrent_layers=()).flops_per_token(64)
 
 
+def test_kernel_self_attention_equals_blocked_form():
+  """attention_impl='splash' (Pallas interpret mode here; the same glue as cuDNN): a call without a
+  cache and a prompt into an empty cache go through the kernel (qk_norm's per-head scale folded into
+  q), a call continuing the cached documents through the blocked form; all equal impl 'xla'."""
+  fields = dict(qk_norm=True, tie_state_kv=True)
+  ref, kernel = brt(attention_impl='xla', **fields), brt(attention_impl='splash', **fields)
+  tokens, positions = random_tokens((2, 128), VOCAB), packed_positions([[50, 78], [128]])
+  want = jitted(ref)(tokens, positions)[0]
+  np.testing.assert_allclose(jitted(kernel)(tokens, positions)[0], want, atol=1e-5)
+  caches = [model.init_cache(2, 256, jnp.float32) for model in (ref, kernel)]
+  (want, ref_cache), (got, kernel_cache) = (jitted(m)(tokens, positions, c) for m, c in zip((ref, kernel), caches))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(jitted(kernel)(tokens, positions + 128, kernel_cache)[0],
+                             jitted(ref)(tokens, positions + 128, ref_cache)[0], atol=1e-5)
+
+
 @pytest.mark.parametrize('fields,match', [
     (dict(recurrent_layers=(2,)), r'config\.model\.recurrent_layers'),
     (dict(recurrent_layers=(0, -2)), r'config\.model\.recurrent_layers=.*twice'),
@@ -281,6 +295,9 @@ def test_last_only_cache_bytes_and_flops():
     (dict(position='alibi'), r'config\.model\.position'),
     (dict(num_heads=3), r'config\.model\.num_heads'),
     (dict(num_states=0), r'config\.model\.num_states'),
+    (dict(scan_layers=True), r'config\.model\.scan_layers=True: BlockRecurrent does not support it'),
+    (dict(attention_impl='cudnn', position='t5'), r'config\.model\.attention_impl'),
+    (dict(attention_impl='splash', window_span='block'), r'config\.model\.attention_impl'),
 ])
 def test_config_errors_name_the_field(fields, match):
   with pytest.raises(ConfigError, match=match):
