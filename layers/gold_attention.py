@@ -22,26 +22,31 @@ Each GOLD layer, with its own token shift of x and of the key/value streams
                                                                RoPE on q, k optional)
 
 `GoldKeyCache` is a ring of S slots (token index i in slot i mod S, as
-layers/kv_cache.py) holding only the token id (-1: empty or padding) and c;
-index, document and position of a slot follow from the cursor and the row's
-`position_offset` (index - position of its last real token), so no per-slot
-bookkeeping is stored. `history` lays the slots out oldest first, so the
-cached tokens and the new ones form one consecutive stretch of the row.
-"""
-import dataclasses
+layers/kv_cache.py) holding only the token id (-1: empty or padding) and c
+(forecasting: the F input values too, the token id then only marking a filled
+slot); index, document and position of a slot follow from the cursor and the
+row's `position_offset` (index - position of its last real token), so no
+per-slot bookkeeping is stored. `history` lays the slots out oldest first, so
+the cached tokens and the new ones form one consecutive stretch of the row.
 
+`GoldAttention` is a mixer (layers/residual.py) called with `GoldSegments`:
+the queries' Segments together with the shared streams (`GoldKV`) they attend
+over; its own cache is its token shift.
+"""
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from layers import attention_ops, sharding, token_shift
 from layers.conv1d import ConvState
-from layers.documents import PAD_DOCUMENT
+from layers.documents import PAD_DOCUMENT, Segments
+from layers.flops import Lengths, attention_flops, document_lengths, mean_visible_keys
 from layers.layer_norm import LayerNorm
 from layers.linear import Dense
 from layers.rope import apply_rope
-from layers.rwkv6 import constant, layer_ratios, lora, mix_profile, uniform, zeros
+from layers.rwkv6 import constant, layer_ratios, lora, mix_profile, per_layer, uniform, zeros
 
 
 def rms(x: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -55,13 +60,17 @@ def rms(x: jax.Array, eps: float = 1e-8) -> jax.Array:
 
 @flax.struct.dataclass
 class GoldKeyCache:
-  tokens: jax.Array           # [B, S] int32: the token id in each slot, -1 when empty or padding
+  tokens: jax.Array           # [B, S] int32: the token id in each slot (forecasting: 0), -1 when empty or padding
+  values: jax.Array | None    # [B, S, F] float32: the input values in each slot (forecasting), else None
   compressed: jax.Array       # [B, S, D / ratio]: c_t
   position_offset: jax.Array  # [B] int32: index - position of the row's last real token
 
   @classmethod
-  def create(cls, batch: int, slots: int, compressed_dim: int, dtype: jnp.dtype) -> 'GoldKeyCache':
+  def create(cls, batch: int, slots: int, compressed_dim: int, dtype: jnp.dtype,
+             features: int = 0) -> 'GoldKeyCache':
+    """`features` > 0: the model's inputs are F values per token (forecasting), not token ids."""
     return cls(tokens=jnp.full((batch, slots), -1, jnp.int32),
+               values=jnp.zeros((batch, slots, features), jnp.float32) if features else None,
                compressed=jnp.zeros((batch, slots, compressed_dim), dtype),
                position_offset=jnp.zeros((batch,), jnp.int32))
 
@@ -71,8 +80,9 @@ class GoldKeyCache:
 
   def history(self, next_index: jax.Array, document: jax.Array) -> dict:
     """The slots oldest first, for a row whose next token has index `next_index` [B] and whose
-    last token was in document `document` [B]: tokens, compressed, index, documents, positions.
-    Slots of earlier documents, padding and empty slots get document -1 (visible to nobody)."""
+    last token was in document `document` [B]: inputs (token ids [B, S] or values [B, S, F]; 0 where
+    not current), compressed, index, documents, positions. Slots of earlier documents, padding and
+    empty slots get document -1 (visible to nobody)."""
     index = next_index[:, None] - self.num_slots + jnp.arange(self.num_slots, dtype=jnp.int32)  # [B, S]
     slot = jnp.mod(index, self.num_slots)
     tokens = jnp.take_along_axis(self.tokens, slot, axis=1)
@@ -80,27 +90,35 @@ class GoldKeyCache:
     positions = index - self.position_offset[:, None]
     current = (index >= 0) & (tokens >= 0) & (positions >= 0)
     documents = jnp.where(current, document[:, None], PAD_DOCUMENT)
-    return dict(tokens=jnp.where(current, tokens, 0), compressed=compressed, index=index, documents=documents,
+    if self.values is None:
+      inputs = jnp.where(current, tokens, 0)
+    else:
+      inputs = jnp.where(current[..., None], jnp.take_along_axis(self.values, slot[..., None], axis=1), 0)
+    return dict(inputs=inputs, compressed=compressed, index=index, documents=documents,
                 positions=jnp.where(current, positions, 0))
 
-  def write(self, tokens: jax.Array, compressed: jax.Array, token_index: jax.Array,
+  def write(self, inputs: jax.Array, compressed: jax.Array, token_index: jax.Array,
             positions: jax.Array) -> 'GoldKeyCache':
-    """Stores the last min(T, S) tokens (padding as -1) at slot = index mod S; tracks the offset."""
-    n = min(tokens.shape[1], self.num_slots)
+    """Stores the last min(T, S) tokens (token ids [B, T], or values [B, T, F]; padding as -1) at
+    slot = index mod S; tracks the offset."""
+    n = min(inputs.shape[1], self.num_slots)
     slots = token_index[:, -n:] % self.num_slots
-    rows = jnp.arange(tokens.shape[0])[:, None]
+    rows = jnp.arange(inputs.shape[0])[:, None]
     real = positions >= 0
-    last = jnp.max(jnp.where(real, jnp.arange(tokens.shape[1]), -1), axis=1)  # [B]: the last real token
+    last = jnp.max(jnp.where(real, jnp.arange(inputs.shape[1]), -1), axis=1)  # [B]: the last real token
     offset = jnp.take_along_axis(token_index - positions, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+    tokens = jnp.where(real, inputs if self.values is None else 0, -1)
+    values = None if self.values is None else self.values.at[rows, slots].set(
+        inputs[:, -n:].astype(self.values.dtype))
     return GoldKeyCache(
-        tokens=self.tokens.at[rows, slots].set(jnp.where(real, tokens, -1)[:, -n:]),
+        tokens=self.tokens.at[rows, slots].set(tokens[:, -n:]), values=values,
         compressed=self.compressed.at[rows, slots].set(compressed[:, -n:].astype(self.compressed.dtype)),
         position_offset=jnp.where(last >= 0, offset, self.position_offset))
 
 
 # ---------------------------------------------------------------------------- shared keys
 
-@dataclasses.dataclass(frozen=True)
+@flax.struct.dataclass
 class GoldKV:
   """What every GOLD layer reads: the key/value streams over the visible stretch of the row."""
   keys: jax.Array         # [B, S, D] kd (decompressed keys)
@@ -127,6 +145,20 @@ def shared_kv(keys: jax.Array, embeds: jax.Array, index: jax.Array, documents: j
   return GoldKV(keys, constrain(keys_prev), embeds, constrain(embeds_prev), index, documents, positions)
 
 
+@flax.struct.dataclass
+class GoldSegments(Segments):
+  """Where a GOLD layer's queries sit (Segments) and the shared streams they attend over."""
+  kv: GoldKV
+
+  @classmethod
+  def of(cls, segments: Segments, kv: GoldKV) -> 'GoldSegments':
+    return cls(positions=segments.positions, index=segments.index, document=segments.document, kv=kv)
+
+  def last(self) -> 'GoldSegments':
+    """The last query's place ([B, 1] each); the key streams unchanged."""
+    return GoldSegments.of(Segments(self.positions, self.index, self.document).last(), self.kv)
+
+
 class KeyCompression(nnx.Module):
   """c = h W_down (D -> D / ratio) and the TokenCat decompression kd = rms(concat(x0, c) W_up)."""
 
@@ -134,10 +166,15 @@ class KeyCompression(nnx.Module):
                rngs: nnx.Rngs):
     if dim % ratio:
       raise ValueError(f'key compression ratio {ratio} does not divide dim {dim}')
-    self.compressed_dim = dim // ratio
+    self.dim, self.compressed_dim = dim, dim // ratio
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.down = Dense(dim, self.compressed_dim, names=(sharding.EMBED, None), **common)
     self.up = Dense(dim + self.compressed_dim, dim, names=(None, sharding.EMBED), **common)
+
+  def flops_per_token(self) -> float:
+    """W_down once, W_up once per token (training: the stretch of keys is the tokens)."""
+    d, c = self.dim, self.compressed_dim
+    return 2 * d * c + 2 * (d + c) * d
 
   def compress(self, h: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D / ratio]
     return self.down(h)
@@ -148,26 +185,37 @@ class KeyCompression(nnx.Module):
 
 # ---------------------------------------------------------------------------- one GOLD layer
 
-class GoldAttention(nnx.Module):
+def gold_init(dim: int, layer: int, num_layers: int) -> dict[str, np.ndarray]:
+  """The layer-dependent initial values of a GOLD layer: its lerp profiles and ln_x scale."""
+  r0, r1 = layer_ratios(layer, num_layers)
+  return dict(mix_x=mix_profile(dim, r1), mix_q=mix_profile(dim, 0.5 * r1), mix_c=mix_profile(dim, r1),
+              mix_k=mix_profile(dim, r1), mix_v=mix_profile(dim, r1, 0.3 * r0),
+              ln_scale=np.float32(((layer + 1) / num_layers) ** 0.7))
 
-  def __init__(self, dim: int, num_heads: int, head_dim: int, *, layer: int, num_layers: int, mix_rank: int = 32,
-               kv_rank: int = 0, rope: bool = False, rope_base: float = 10000.0, impl: str = 'xla',
-               out_init_scale: float = 1.0, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
-               rngs: nnx.Rngs):
+
+class GoldAttention(nnx.Module):
+  """One GOLD layer's attention (the equations above): a mixer over `GoldSegments`, whose cache is the
+  token shift of its queries' stream."""
+
+  def __init__(self, dim: int, num_heads: int, head_dim: int, *, layer: int | jax.Array, num_layers: int,
+               mix_rank: int = 32, kv_rank: int = 0, rope: bool = False, rope_base: float = 10000.0,
+               impl: str = 'xla', out_init_scale: float = 1.0, dtype: jnp.dtype = jnp.float32,
+               param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     if num_heads * head_dim != dim:
       raise ValueError(f'num_heads {num_heads} x head_dim {head_dim} must equal dim {dim}')
-    self.num_heads, self.head_dim = num_heads, head_dim
+    kv_rank = kv_rank or max(dim // 16, 64)
+    self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+    self.mix_rank, self.kv_rank = mix_rank, kv_rank
     self.rope, self.rope_base, self.impl = rope, rope_base, impl
     self.dtype = dtype
-    kv_rank = kv_rank or max(dim // 16, 64)
-    r0, r1 = layer_ratios(layer, num_layers)
+    init = per_layer(lambda i: gold_init(dim, i, num_layers), layer, num_layers)
     pd = param_dtype
     embed = (sharding.EMBED,)
-    self.mix_x = constant(mix_profile(dim, r1), embed, pd)
-    self.mix_q = constant(mix_profile(dim, 0.5 * r1), embed, pd)
-    self.mix_c = constant(mix_profile(dim, r1), embed, pd)
-    self.mix_k = constant(mix_profile(dim, r1), embed, pd)
-    self.mix_v = constant(mix_profile(dim, r1, 0.3 * r0), embed, pd)
+    self.mix_x = constant(init['mix_x'], embed, pd)
+    self.mix_q = constant(init['mix_q'], embed, pd)
+    self.mix_c = constant(init['mix_c'], embed, pd)
+    self.mix_k = constant(init['mix_k'], embed, pd)
+    self.mix_v = constant(init['mix_v'], embed, pd)
     self.q_lora_a = zeros((dim, mix_rank), (sharding.EMBED, None), pd)
     self.q_lora_b = uniform(rngs, (mix_rank, dim), (None, sharding.EMBED), pd)
     self.kv_lora_a = zeros((dim, 2, mix_rank), (sharding.EMBED, None, None), pd)
@@ -184,10 +232,21 @@ class GoldAttention(nnx.Module):
     self.ln_q = LayerNorm((num_heads, head_dim), param_dtype=pd)
     self.ln_k = LayerNorm(dim, param_dtype=pd)
     self.ln_v = LayerNorm(dim, param_dtype=pd)
-    self.ln_x = LayerNorm((num_heads, head_dim), scale_init=((layer + 1) / num_layers) ** 0.7, param_dtype=pd)
+    self.ln_x = LayerNorm((num_heads, head_dim), scale_init=init['ln_scale'], param_dtype=pd)
 
-  def init_cache(self, batch: int, dtype: jnp.dtype) -> ConvState:
-    return token_shift.init_state(batch, self.num_heads * self.head_dim, dtype)
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> ConvState:
+    """The queries' token shift; the keys live in the model's one GoldKeyCache."""
+    del max_len
+    return token_shift.init_state(batch, self.dim, dtype)
+
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """W_q and its ddlerp LoRA, W_o; per key (training: one per token) the k / v mix LoRAs and the k and v
+    LoRAs; attention over the keys each query sees in its document (layers/flops.py)."""
+    d = self.dim
+    projections = 2 * 2 * d * d + 2 * 2 * d * self.mix_rank
+    keys_values = 2 * 2 * d * 2 * self.mix_rank + 2 * 2 * 2 * d * self.kv_rank
+    keys = mean_visible_keys(document_lengths(seq_len, doc_lengths))
+    return projections + keys_values + attention_flops(self.num_heads, self.head_dim, keys)
 
   def keys_values(self, kv: GoldKV) -> tuple[jax.Array, jax.Array]:
     """This layer's k, v [B, S, N, H] from the shared streams."""
@@ -203,27 +262,27 @@ class GoldAttention(nnx.Module):
     split = lambda a: a.reshape(*a.shape[:-1], self.num_heads, self.head_dim)
     return split(k), split(v)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, token_index: jax.Array, documents: jax.Array,
-               kv: GoldKV, shift: ConvState | None = None, *, self_attention: bool = False
-               ) -> tuple[jax.Array, ConvState | None]:
-    """x [B, T, D] and its positions, index, documents [B, T]; kv over S keys -> y [B, T, D], shift state.
+  def __call__(self, x: jax.Array, segments: GoldSegments,
+               cache: ConvState | None = None) -> tuple[jax.Array, ConvState | None]:
+    """x [B, T, D] at `segments`; keys over the S positions of segments.kv -> y [B, T, D], shift state.
 
-    `self_attention`: the keys are exactly these T tokens (training), so cuDNN may serve."""
+    Without a cache and with the keys exactly these T tokens (training), the training kernels may serve."""
+    positions, token_index, documents, kv = segments.positions, segments.index, segments.document, segments.kv
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     d = self.dtype
-    x_prev, shift = token_shift.token_shift(x, documents, shift)
+    self_attention = cache is None and x.shape[1] == kv.keys.shape[1]
+    x_prev, cache = token_shift.token_shift(x, documents, cache)
     dx = x_prev - x
     mq = lora(x + dx * self.mix_x[...].astype(x.dtype), self.q_lora_a[...], self.q_lora_b[...], d)
     q = self.ln_q(self.query(x + dx * (self.mix_q[...].astype(d) + mq)))     # [B, T, N, H]
-    k, v = self.keys_values(kv)
+    k, v = self.keys_values(kv)                                               # [B, S, N, H]
     if self.rope:
       q = apply_rope(q, positions, base=self.rope_base)
       k = apply_rope(k, kv.positions, base=self.rope_base)
     q, k, v = (sharding.constrain(a, heads) for a in (q, k, v))
     scale = self.head_dim ** -0.5
-    impl = attention_ops.resolve_impl(self.impl, d, self.head_dim) if self_attention else 'xla'
-    if impl == 'cudnn':
-      o = attention_ops.cudnn_self_attention(q, k, v, documents, None, scale)
+    if self_attention:  # the training kernels (cuDNN, splash) where they apply
+      o = attention_ops.self_attention(q, k, v, token_index, documents, None, scale, self.impl)
     else:
       o = attention_ops.attend_visible(q, k, v, token_index, documents, kv.index, kv.documents, None, scale)
-    return self.output(sharding.constrain(self.ln_x(o), heads)), shift
+    return self.output(sharding.constrain(self.ln_x(o), heads)), cache

@@ -19,11 +19,22 @@ then, by `variant`:
 Channel-mix (cmix_x060): k = relu(W_k lerp(x, x_prev, mu_k))^2 (width F = 3.5 D),
 out = sigmoid(W_r lerp(x, x_prev, mu_r)) * (W_v k).
 
+Both follow the mixer protocol (layers/residual.py: `(x, segments, cache)`,
+`init_cache`, `flops_per_token`); their cache is the token shift (and the
+time-mix's wkv state). `RWKVBlock` is the RWKV residual block around a mixer:
+LayerNorms, and the channel mix (RWKV's MLP) carries a token shift, so it is
+not layers/residual.ResidualBlock (RMSNorm, a stateless MLP).
+
 Initial values follow the reference (layer-dependent lerp and decay profiles,
 LoRA A = 0 and B ~ U(+-0.01), ln_x scale ((layer + 1) / L)^0.7, key and gate at
-a tenth of the usual scale). Padding (documents -1) is an identity step of the
+a tenth of the usual scale). `layer` may be a traced index (layers built by
+nnx.vmap to be scanned): the layer-dependent values are then read from the
+table of every layer's, the same float32 numbers (`per_layer`). Padding (documents -1) is an identity step of the
 wkv (k = 0, w = 1) and a hole for the token shift, so it disturbs no state.
 """
+from collections.abc import Callable
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -32,8 +43,11 @@ from flax import nnx
 
 from layers import sharding, token_shift
 from layers.conv1d import ConvState
+from layers.documents import Segments
+from layers.flops import Lengths, attention_flops, mean_visible_keys
 from layers.layer_norm import LayerNorm
 from layers.linear import Dense
+from layers.residual import Mixer
 from layers.wkv import IMPLEMENTATIONS, wkv
 
 VARIANTS = ('finch', 'finch_c2')
@@ -53,8 +67,16 @@ def mix_profile(dim: int, power: float, offset: float = 0.0) -> np.ndarray:
   return (1.0 - (ddd ** power + offset)).astype(np.float32)
 
 
-def constant(value: np.ndarray, names, dtype: jnp.dtype) -> nnx.Param:
-  """A parameter starting at `value` (a numpy array), with logical axis names."""
+def per_layer(values: Callable[[int], Any], layer: int | jax.Array, num_layers: int) -> Any:
+  """`values(layer)` (numpy arrays) for a Python int layer; for a traced index (layers built by nnx.vmap),
+  row `layer` of every layer's values stacked: the same numbers, looked up."""
+  if isinstance(layer, (int, np.integer)):
+    return values(int(layer))
+  return jax.tree.map(lambda *rows: jnp.asarray(np.stack(rows))[layer], *[values(i) for i in range(num_layers)])
+
+
+def constant(value: np.ndarray | jax.Array, names, dtype: jnp.dtype) -> nnx.Param:
+  """A parameter starting at `value` (a numpy array, or a looked-up row of one), with logical axis names."""
   init = lambda key, shape, dtype: jnp.asarray(value, dtype).reshape(shape)
   return nnx.Param(sharding.partitioned(init, names)(None, value.shape, dtype))
 
@@ -82,9 +104,26 @@ class TimeMixCache:
   state: jax.Array    # [B, N, H, H] float32: the wkv state
 
 
-class TimeMix(nnx.Module):
+def time_mix_init(dim: int, num_heads: int, head_dim: int, layer: int, num_layers: int,
+                  branches: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """The layer-dependent initial values of a time-mix (the reference's time_maa_*, time_decay,
+  time_faaaa and ln_x scale)."""
+  r0, r1 = layer_ratios(layer, num_layers)
+  profiles = dict(r=mix_profile(dim, 0.5 * r1), k=mix_profile(dim, r1), v=mix_profile(dim, r1, 0.3 * r0),
+                  w=mix_profile(dim, r1), g=mix_profile(dim, 0.5 * r1), v2=mix_profile(dim, r1, 0.3 * r0))
+  n = np.arange(dim, dtype=np.float64) / (dim - 1)
+  zigzag = ((np.arange(dim) + 1) % 3 - 1) * 0.1
+  return dict(mix_x=mix_profile(dim, r1), mix=np.stack([profiles[b] for b in branches]),
+              decay=(-6 + 5 * n ** (0.7 + 1.3 * r0)).astype(np.float32).reshape(num_heads, head_dim),
+              bonus=(r0 * (1 - n) + zigzag).astype(np.float32).reshape(num_heads, head_dim),
+              ln_scale=np.float32(((layer + 1) / num_layers) ** 0.7))
 
-  def __init__(self, dim: int, num_heads: int, head_dim: int, *, layer: int, num_layers: int,
+
+class TimeMix(nnx.Module):
+  """RWKV-6 time mixing (the equations above): a mixer (layers/residual.py) whose cache is the token
+  shift and the per-head wkv state [B, N, H, H]."""
+
+  def __init__(self, dim: int, num_heads: int, head_dim: int, *, layer: int | jax.Array, num_layers: int,
                variant: str = 'finch_c2', mix_rank: int = 32, decay_rank: int = 64, impl: str = 'auto',
                chunk_size: int = 64, out_init_scale: float = 1.0, dtype: jnp.dtype = jnp.float32,
                param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
@@ -95,21 +134,20 @@ class TimeMix(nnx.Module):
     if num_heads * head_dim != dim:
       raise ValueError(f'num_heads {num_heads} x head_dim {head_dim} must equal dim {dim}')
     self.variant, self.impl, self.chunk_size = variant, impl, chunk_size
-    self.num_heads, self.head_dim = num_heads, head_dim
+    self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
+    self.mix_rank, self.decay_rank = mix_rank, decay_rank
     self.dtype = dtype
     self.branches = BRANCHES[variant]
-    r0, r1 = layer_ratios(layer, num_layers)
+    init = per_layer(lambda i: time_mix_init(dim, num_heads, head_dim, i, num_layers, self.branches), layer,
+                     num_layers)
     pd = param_dtype
     embed, heads = (sharding.EMBED,), (sharding.HEADS, sharding.HEAD_DIM)
-    profiles = dict(r=mix_profile(dim, 0.5 * r1), k=mix_profile(dim, r1), v=mix_profile(dim, r1, 0.3 * r0),
-                    w=mix_profile(dim, r1), g=mix_profile(dim, 0.5 * r1), v2=mix_profile(dim, r1, 0.3 * r0))
-    self.mix_x = constant(mix_profile(dim, r1), embed, pd)
-    self.mix = constant(np.stack([profiles[b] for b in self.branches]), (None, sharding.EMBED), pd)
+    self.mix_x = constant(init['mix_x'], embed, pd)
+    self.mix = constant(init['mix'], (None, sharding.EMBED), pd)
     num_branches = len(self.branches)
     self.mix_lora_a = zeros((dim, num_branches, mix_rank), (sharding.EMBED, None, None), pd)
     self.mix_lora_b = uniform(rngs, (num_branches, mix_rank, dim), (None, None, sharding.EMBED), pd)
-    n = np.arange(dim, dtype=np.float64) / (dim - 1)
-    self.decay = constant((-6 + 5 * n ** (0.7 + 1.3 * r0)).astype(np.float32).reshape(num_heads, head_dim), heads, pd)
+    self.decay = constant(init['decay'], heads, pd)
     self.decay_lora_a = zeros((dim, decay_rank), (sharding.EMBED, None), pd)
     self.decay_lora_b = uniform(rngs, (decay_rank, num_heads, head_dim), (None, *heads), pd)
     common = dict(dtype=dtype, param_dtype=pd, rngs=rngs)
@@ -119,33 +157,45 @@ class TimeMix(nnx.Module):
     self.value = Dense(dim, (num_heads, head_dim), names=names, **common)
     self.output = Dense((num_heads, head_dim), dim, names=(*heads, sharding.EMBED), init_scale=out_init_scale,
                         **common)
-    ln_scale = ((layer + 1) / num_layers) ** 0.7
     if variant == 'finch':
-      zigzag = ((np.arange(dim) + 1) % 3 - 1) * 0.1
-      self.bonus = constant((r0 * (1 - n) + zigzag).astype(np.float32).reshape(num_heads, head_dim), heads, pd)
+      self.bonus = constant(init['bonus'], heads, pd)
       self.gate = Dense(dim, (num_heads, head_dim), names=names, init_scale=0.01, **common)
       # GroupNorm over each head; eps as the reference's 1e-5 * head_size_divisor^2 (divisor 8).
-      self.ln_x = LayerNorm((num_heads, head_dim), eps=64e-5, group_axes=1, scale_init=ln_scale, param_dtype=pd)
+      self.ln_x = LayerNorm((num_heads, head_dim), eps=64e-5, group_axes=1, scale_init=init['ln_scale'],
+                            param_dtype=pd)
     else:
       self.value2_lora_a = zeros((dim, decay_rank), (sharding.EMBED, None), pd)
       self.value2_lora_b = uniform(rngs, (decay_rank, num_heads, head_dim), (None, *heads), pd)
-      self.ln_x = LayerNorm((num_heads, head_dim), eps=1e-5, scale_init=ln_scale, param_dtype=pd)
+      self.ln_x = LayerNorm((num_heads, head_dim), eps=1e-5, scale_init=init['ln_scale'], param_dtype=pd)
 
-  def init_cache(self, batch: int, dtype: jnp.dtype) -> TimeMixCache:
-    dim = self.num_heads * self.head_dim
-    return TimeMixCache(shift=token_shift.init_state(batch, dim, dtype),
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> TimeMixCache:
+    """The token shift and the float32 wkv state: the same size whatever `max_len`."""
+    del max_len
+    return TimeMixCache(shift=token_shift.init_state(batch, self.dim, dtype),
                         state=jnp.zeros((batch, self.num_heads, self.head_dim, self.head_dim), jnp.float32))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, documents: jax.Array,
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """r, k, v, out and the gate (Finch) or W_v once more for the second value (Finch-C2, with a LoRA as
+    large as the decay's); the ddlerp and decay LoRAs; the wkv in its chunked form: scores and values
+    inside a chunk, the state read (r S) and update (k^T v) per token. Documents do not change the wkv's work."""
+    del doc_lengths
+    d, n, h = self.dim, self.num_heads, self.head_dim
+    decay_loras = 1 if self.variant == 'finch' else 2
+    projections = 2 * d * d * 5 + 2 * 2 * d * 5 * self.mix_rank + decay_loras * 2 * 2 * d * self.decay_rank
+    chunk = min(self.chunk_size, seq_len)
+    return projections + attention_flops(n, h, mean_visible_keys(chunk)) + 2 * 2 * n * h * h
+
+  def __call__(self, x: jax.Array, segments: Segments,
                cache: TimeMixCache | None = None) -> tuple[jax.Array, TimeMixCache | None]:
-    """x [B, T, D]; positions, documents [B, T] -> y [B, T, D], updated cache."""
+    """x [B, T, D] -> y [B, T, D], updated cache."""
+    documents = segments.document
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     x_prev, shift = token_shift.token_shift(x, documents, None if cache is None else cache.shift)
     dx = x_prev - x
     mixes = self._branch_mixes(x, dx)
     xs = {b: x + dx * mixes[i] for i, b in enumerate(self.branches)}
     constrain = lambda a: sharding.constrain(a, heads)
-    r = constrain(self.receptance(xs['r']))
+    r = constrain(self.receptance(xs['r']))                                 # [B, T, N, H]
     k = constrain(self.key(xs['k']))
     v = constrain(self.value(xs['v']))
     w = self.decay[...].astype(jnp.float32) + lora(xs['w'], self.decay_lora_a[...], self.decay_lora_b[...],
@@ -159,7 +209,7 @@ class TimeMix(nnx.Module):
       u = self.bonus[...]
     k = jnp.where(padding, 0, k)
     log_w = jnp.where(padding, 0.0, log_w)
-    reset = positions == 0
+    reset = segments.positions == 0
     y, state = wkv(r, k, v, log_w, u, reset, None if cache is None else cache.state, impl=self.impl,
                    chunk_size=self.chunk_size)
     y = constrain(y.astype(self.dtype))
@@ -183,26 +233,75 @@ class TimeMix(nnx.Module):
 # ---------------------------------------------------------------------------- channel-mix
 
 class ChannelMix(nnx.Module):
+  """RWKV-6 channel mixing, RWKV's MLP: out = sigmoid(W_r lerp_r) * W_v relu(W_k lerp_k)^2. The lerps
+  reach one token back, so it follows the mixer protocol with the token shift as its cache."""
 
-  def __init__(self, dim: int, hidden_dim: int, *, layer: int, num_layers: int, out_init_scale: float = 1.0,
-               dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
-    _, r1 = layer_ratios(layer, num_layers)
-    self.dim = dim
-    self.mix_k = constant(mix_profile(dim, r1), (sharding.EMBED,), param_dtype)
-    self.mix_r = constant(mix_profile(dim, r1), (sharding.EMBED,), param_dtype)
+  def __init__(self, dim: int, hidden_dim: int, *, layer: int | jax.Array, num_layers: int,
+               out_init_scale: float = 1.0, dtype: jnp.dtype = jnp.float32, param_dtype: jnp.dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    profile = per_layer(lambda i: mix_profile(dim, layer_ratios(i, num_layers)[1]), layer, num_layers)
+    self.dim, self.hidden_dim = dim, hidden_dim
+    self.mix_k = constant(profile, (sharding.EMBED,), param_dtype)
+    self.mix_r = constant(profile, (sharding.EMBED,), param_dtype)
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.key = Dense(dim, hidden_dim, names=(sharding.EMBED, sharding.MLP), **common)
     self.value = Dense(hidden_dim, dim, names=(sharding.MLP, sharding.EMBED), init_scale=out_init_scale, **common)
     self.receptance = Dense(dim, dim, names=(sharding.EMBED, None), **common)
 
-  def init_cache(self, batch: int, dtype: jnp.dtype) -> ConvState:
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> ConvState:
+    del max_len
     return token_shift.init_state(batch, self.dim, dtype)
 
-  def __call__(self, x: jax.Array, documents: jax.Array,
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    """W_k, W_v and W_r; the same for every token."""
+    del seq_len, doc_lengths
+    return 2 * (2 * self.dim * self.hidden_dim + self.dim * self.dim)
+
+  def __call__(self, x: jax.Array, segments: Segments,
                cache: ConvState | None = None) -> tuple[jax.Array, ConvState | None]:
-    """x [B, T, D], documents [B, T] -> y [B, T, D], the token-shift state after the last token."""
-    x_prev, cache = token_shift.token_shift(x, documents, cache)
+    """x [B, T, D] -> y [B, T, D], the token-shift state after the last token."""
+    x_prev, cache = token_shift.token_shift(x, segments.document, cache)
     hidden = jnp.square(jax.nn.relu(self.key(token_shift.lerp(x, x_prev, self.mix_k[...].astype(x.dtype)))))
     hidden = sharding.constrain(hidden, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_MLP))
     gate = jax.nn.sigmoid(self.receptance(token_shift.lerp(x, x_prev, self.mix_r[...].astype(x.dtype))))
     return gate * self.value(hidden), cache
+
+
+# ---------------------------------------------------------------------------- the block
+
+@flax.struct.dataclass
+class RWKVBlockCache:
+  mixer: Any         # the mixer's cache (time-mix: TimeMixCache; GOLD attention: its token shift)
+  mlp: ConvState     # the channel mix's token shift
+
+
+class RWKVBlock(nnx.Module):
+  """The RWKV residual block: h = x + mixer(LN(x)); out = h + ChannelMix(LN(h)).
+
+  The mixer is a time mix (Finch) or a GOLD attention (layers/gold_attention.py); the norms are
+  LayerNorms with a bias and the channel mix keeps a token shift, the two ways the block differs from
+  layers/residual.ResidualBlock. It follows the same layer protocol (call, init_cache, flops_per_token)
+  and the same parameter names (mixer_norm, mixer, mlp_norm, mlp)."""
+
+  def __init__(self, dim: int, mixer: Mixer, channel_mix: ChannelMix, *, norm_eps: float,
+               param_dtype: jnp.dtype = jnp.float32):
+    self.mixer_norm = LayerNorm(dim, eps=norm_eps, param_dtype=param_dtype)
+    self.mixer = mixer
+    self.mlp_norm = LayerNorm(dim, eps=norm_eps, param_dtype=param_dtype)
+    self.mlp = channel_mix
+
+  def __call__(self, x: jax.Array, segments: Segments,
+               cache: RWKVBlockCache | None = None) -> tuple[jax.Array, RWKVBlockCache | None]:
+    """x [B, T, D] -> [B, T, D], the updated caches."""
+    mixed, mixer_cache = self.mixer(self.mixer_norm(x), segments, None if cache is None else cache.mixer)
+    x = x + mixed
+    mixed, mlp_cache = self.mlp(self.mlp_norm(x), segments, None if cache is None else cache.mlp)
+    x = sharding.constrain(x + mixed, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
+    return x, (None if cache is None else RWKVBlockCache(mixer=mixer_cache, mlp=mlp_cache))
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> RWKVBlockCache:
+    return RWKVBlockCache(mixer=self.mixer.init_cache(batch, max_len, dtype),
+                          mlp=self.mlp.init_cache(batch, max_len, dtype))
+
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    return self.mixer.flops_per_token(seq_len, doc_lengths) + self.mlp.flops_per_token(seq_len, doc_lengths)

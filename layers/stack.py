@@ -30,15 +30,22 @@ LayerFn = Callable[[nnx.Module, jax.Array, Any], tuple[jax.Array, Any]]
 def create_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
                   rngs: nnx.Rngs, *, scan: bool) -> nnx.Module:
   """Builds `num_layers` layers: stacked on a leading axis if `scan`, else a list."""
+  return create_indexed_layers(lambda index, layer_rngs: make_layer(layer_rngs), range(num_layers), rngs, scan=scan)
+
+
+def create_indexed_layers(make_layer: Callable[[int | jax.Array, nnx.Rngs], nnx.Module], indices: range,
+                          rngs: nnx.Rngs, *, scan: bool) -> nnx.Module:
+  """`create_layers` for layers whose initial values depend on their depth: each is built as
+  make_layer(its index in the model, rngs). Scanned, the index is a traced int32 (one per stacked layer)."""
   if not scan:
-    return nnx.List([make_layer(rngs) for _ in range(num_layers)])
+    return nnx.List([make_layer(index, rngs) for index in indices])
 
-  @nnx.split_rngs(splits=num_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: sharding.LAYERS})
-  def make_stacked(layer_rngs: nnx.Rngs) -> nnx.Module:
-    return make_layer(layer_rngs)
+  @nnx.split_rngs(splits=len(indices))
+  @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: sharding.LAYERS})
+  def make_stacked(layer_rngs: nnx.Rngs, index: jax.Array) -> nnx.Module:
+    return make_layer(index, layer_rngs)
 
-  return make_stacked(rngs)
+  return make_stacked(rngs, jnp.arange(indices.start, indices.stop, dtype=jnp.int32))
 
 
 def apply_layers(layers: nnx.Module, x: jax.Array, caches: Any, layer_fn: LayerFn, *,

@@ -1,9 +1,12 @@
 """A wrong experiment config fails before anything compiles, naming the field."""
+import dataclasses
+
 import jax
 import pytest
 
+import architectures
 from trainers.experiment import Experiment
-from tests.helpers import tiny_experiment
+from tests.helpers import family_tiny_config, tiny_experiment
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -30,4 +33,32 @@ def test_bad_config_is_named_before_compiling(data_dir, overrides, message, monk
   monkeypatch.setattr(jax, 'jit', lambda *a, **k: compiled.append(a))
   with pytest.raises(ValueError, match=message):
     Experiment.build(tiny_experiment(data_dir, **overrides))
+  assert not compiled
+
+
+def _refused_switches() -> list[tuple[str, str]]:
+  """(family, shared field) for every shared switch a family names as unsupported."""
+  return [(name, field) for name in architectures.registry.families()
+          for field in getattr(architectures.registry.get_family(name).Config, 'unsupported', {})]
+
+
+def _another_value(config_class, field: str):
+  """A valid value of a shared switch other than the family's default."""
+  default = {f.name: f.default for f in dataclasses.fields(config_class)}[field]
+  if isinstance(default, bool):
+    return not default
+  return dict(attention_impl='xla' if default != 'xla' else 'auto', remat='full' if default != 'full' else 'dots',
+              input_features=default + 2, logits_soft_cap=default + 30.0)[field]
+
+
+@pytest.mark.parametrize('family,field', _refused_switches())
+@pytest.mark.fault('a shared model switch the family cannot honour (e.g. scan_layers for a family whose layers differ)',
+                   'ValueError naming the field, the family and why, raised before anything compiles')
+def test_a_shared_switch_a_family_cannot_honour_is_refused_by_name(family, field, data_dir, monkeypatch):
+  config = family_tiny_config(family, data_dir)
+  config.model[field] = _another_value(architectures.registry.get_family(family).Config, field)
+  compiled = []
+  monkeypatch.setattr(jax, 'jit', lambda *a, **k: compiled.append(a))
+  with pytest.raises(ValueError, match=rf'config\.model\.{field}=.*: \w+ does not support it: \w'):
+    Experiment.build(config)
   assert not compiled

@@ -1,9 +1,12 @@
 """GoldFinch and Finch (RWKV-6): prefill (with and without the early exit) + chunked prefill +
 single steps == one forward pass on rows with document starts and left padding, the early exit
 runs the GOLD layers on 2G + 1 positions only, the cache-size formula of architectures/goldfinch.py
-and its ratio to a Transformer of the same shape, sharded over 8 devices == one device, FLOPs,
-config errors, the l12_d768 parameter counts. The layers (wkv, token shift, time-mix) are in test_wkv.py;
-a training step on the tiny configs is in test_family_contract.py."""
+and its ratio to a Transformer of the same shape, scanned layers == looped layers (and start alike),
+sharded over 8 devices == one device, FLOPs (attention within the documents), config errors, the
+l12_d768 parameter counts. The layers (wkv, token shift, time-mix) are in test_wkv.py; a training
+step on the tiny configs is in test_family_contract.py; forecasting in test_timeseries.py."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,18 +83,19 @@ def test_early_exit_runs_the_gold_layers_on_the_last_2g_plus_1_positions(monkeyp
   """Layer calls are recorded while tracing (nothing is compiled)."""
   m = model()
   seen = []
-  for cls in (goldfinch.RWKVBlock, goldfinch.GoldBlock):
-    def record(self, x, *args, _original=cls.__call__, _name=cls.__name__):
-      seen.append((_name, x.shape[1]))
-      return _original(self, x, *args)
-    monkeypatch.setattr(cls, '__call__', record)
+
+  def record(self, x, *args, _original=goldfinch.RWKVBlock.__call__):
+    seen.append((type(self.mixer).__name__, x.shape[1]))  # RWKV blocks: TimeMix; GOLD blocks: GoldAttention
+    return _original(self, x, *args)
+
+  monkeypatch.setattr(goldfinch.RWKVBlock, '__call__', record)
   prompt = (TOKENS[:, :PROMPT], POSITIONS[:, :PROMPT], m.init_cache(4, LENGTH, jnp.float32))
   logits, _ = jax.eval_shape(lambda: m(*prompt, last_only=True))
   assert logits.shape == (4, 1, VOCAB)
-  assert seen == [('RWKVBlock', PROMPT)] * 2 + [('GoldBlock', 5)] * 2  # 2G + 1 = 5 positions
+  assert seen == [('TimeMix', PROMPT)] * 2 + [('GoldAttention', 5)] * 2  # 2G + 1 = 5 positions
   seen.clear()
   jax.eval_shape(lambda: m(*prompt))
-  assert seen == [('RWKVBlock', PROMPT)] * 2 + [('GoldBlock', PROMPT)] * 2
+  assert seen == [('TimeMix', PROMPT)] * 2 + [('GoldAttention', PROMPT)] * 2
 
 
 # --- the cache ---------------------------------------------------------------------------------------
@@ -146,6 +150,54 @@ def test_cache_grows_by_1_plus_d_over_16_numbers_per_token_and_finch_not_at_all(
   assert gold.cache_bytes(1, 65536) < transformer.cache_bytes(1, 65536) / 250
 
 
+# --- scanned layers ----------------------------------------------------------------------------------
+
+def stacked_like_looped(looped, scanned):
+  """`scanned` given `looped`'s weights: looped RWKV (GOLD) block i is scanned block i of its stack."""
+  state = nnx.to_pure_dict(nnx.state(looped, nnx.Param))
+  stack = lambda blocks: jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in sorted(blocks)])
+  target = nnx.state(scanned, nnx.Param)
+  nnx.replace_by_pure_dict(target, {**state, 'layers': stack(state['layers']),
+                                    'gold_layers': stack(state['gold_layers'])})
+  nnx.update(scanned, target)
+  return scanned
+
+
+def test_scanned_layers_equal_looped_layers_start_alike_and_decode():
+  """scan_layers: the RWKV blocks and the GOLD blocks are two scanned stacks; with the same weights the
+  forward equals the looped one and prefill (early exit) + steps equal it; the layer-dependent initial
+  values (lerp and decay profiles, ln_x scales) are those of the looped layers."""
+  fields = {**SMALL, 'remat': 'full'}
+  looped = model(**fields)
+  scanned = stacked_like_looped(looped, model(**fields, scan_layers=True))
+  full = run(scanned, TOKENS, POSITIONS)[0]
+  np.testing.assert_allclose(full, run(looped, TOKENS, POSITIONS)[0], atol=1e-5)
+  decoded, _ = prefill_and_decode(scanned)
+  assert_close_where_real(decoded, full[:, PROMPT - 1:], REAL[:, PROMPT - 1:])
+  assert scanned.flops_per_token(32) == looped.flops_per_token(32)
+  assert scanned.cache_bytes(2, LENGTH) == looped.cache_bytes(2, LENGTH)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def initial(scan: bool):
+    return nnx.to_pure_dict(nnx.state(architectures.create_model({**SMALL, 'scan_layers': scan}, nnx.Rngs(0)),
+                                      nnx.Param))
+
+  looped, scanned = initial(False), initial(True)
+  compared = 0
+  for stack in ('layers', 'gold_layers'):
+    for i, block in looped[stack].items():
+      for path, value in jax.tree_util.tree_flatten_with_path(block)[0]:
+        name = jax.tree_util.keystr(path)
+        if 'lora' not in name and any(f"['{p}']" in name for p in ('mix', 'mix_x', 'mix_q', 'mix_c', 'mix_k',
+                                                                   'mix_v', 'mix_r', 'decay', 'bonus', 'scale')):
+          scanned_value = functools.reduce(lambda tree, key: tree[key.key], path, scanned[stack])[i]
+          np.testing.assert_array_equal(scanned_value, value, err_msg=f'{stack} {i} {name}')
+          compared += 1
+  # Per RWKV block: mix_x, mix, decay, ln_x, the channel mix's mix_k and mix_r, the two norms' scales; per GOLD
+  # block: mix_x, q, c, k, v, ln_q, ln_k, ln_v, ln_x, mix_k and mix_r, the two norms.
+  assert compared == 2 * 8 + 2 * 13
+
+
 # --- sharding ----------------------------------------------------------------------------------------
 
 def test_sharded_forward_and_decode_equal_one_device():
@@ -183,6 +235,9 @@ def test_flops_are_twice_the_matmul_weights_plus_the_wkv_and_attention(fields):
   wkv = 2 * (2 * 2 * heads * head_dim * mean_visible_keys(8, 0) + 2 * 2 * heads * head_dim * head_dim)
   attention = gold * 2 * 2 * dim * mean_visible_keys(seq, 0)  # QK and AV
   assert m.flops_per_token(seq) == pytest.approx(2 * matmul + second_value + wkv + attention)
+  # Rows of several documents: GOLD attention within each (the wkv's chunks do not change).
+  within = gold * 2 * 2 * dim * mean_visible_keys([10, 22, 5, 27], 0)
+  assert m.flops_per_token(seq, [10, 22, 5, 27]) == pytest.approx(2 * matmul + second_value + wkv + within)
 
 
 # --- configs -----------------------------------------------------------------------------------------

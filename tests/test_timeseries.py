@@ -1,6 +1,7 @@
-"""Time-series forecasting: the generated Mackey-Glass data, and any family
-(here the Transformer and Aaren) trained on it through the same trainer,
-with MSE/MAE from the evaluator and the cached form equal to the parallel one."""
+"""Time-series forecasting: the generated Mackey-Glass data, and every family
+trained on it through the same trainer (its values in and predictions out
+through the shared SeriesIO), with MSE/MAE from the evaluator and the cached
+form equal to the parallel one."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from trainers.data.timeseries import LENGTH, TRAIN_FRACTION, mackey_glass
 from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
 from trainers.train_loop import train
-from tests.helpers import family_tiny_config, jitted, packed_positions
+from tests.helpers import FAMILY_CONFIGS, family_tiny_config, jitted, packed_positions
 
 
 def forecast_config(name, data_dir, **overrides):
@@ -38,7 +39,7 @@ def test_mackey_glass_is_reproducible_standardised_and_split(data_dir):
   np.testing.assert_array_equal(first['values'][0], series[int(LENGTH * TRAIN_FRACTION):][:33])
 
 
-@pytest.mark.parametrize('name', ['transformer', 'aaren'])
+@pytest.mark.parametrize('name', FAMILY_CONFIGS)
 def test_family_forecasts_and_reports_mse_mae(name, data_dir, tmp_path):
   config = forecast_config(name, data_dir)
   last = train(config, str(tmp_path))
@@ -48,8 +49,9 @@ def test_family_forecasts_and_reports_mse_mae(name, data_dir, tmp_path):
   assert last['loss'] < 0.5 and 'bits_per_byte' not in results and '2x' in results['extrapolation']
 
 
-def test_cached_forecast_equals_one_pass(data_dir):
-  exp = Experiment.build(forecast_config('aaren', data_dir, mesh=dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+@pytest.mark.parametrize('name', FAMILY_CONFIGS)
+def test_cached_forecast_equals_one_pass(name, data_dir):
+  exp = Experiment.build(forecast_config(name, data_dir, mesh=dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
   model = nnx.merge(exp.graphdef, jax.device_get(exp.new_state().params))
   values = jnp.asarray(np.random.default_rng(0).normal(size=(2, 20, 2)), jnp.float32)
   positions = packed_positions([[8, 12], [20]])

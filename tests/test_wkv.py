@@ -296,13 +296,13 @@ def test_time_mix_follows_its_equations_and_decodes_as_one_pass(variant):
   mix = random_params(lambda: TimeMix(D, HEADS, HEAD, layer=1, num_layers=3, variant=variant, mix_rank=3,
                                       decay_rank=5, chunk_size=8, rngs=nnx.Rngs(0)))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 14, D)), jnp.float32)
-  documents = locate(POSITIONS)[0].document
-  run = nnx.jit(lambda m, x, positions, documents, cache: m(x, positions, documents, cache))
-  y, _ = run(mix, x, POSITIONS, documents, None)
+  segments = locate(POSITIONS)[0]
+  run = nnx.jit(lambda m, x, segments, cache: m(x, segments, cache))
+  y, _ = run(mix, x, segments, None)
   expected = naive_time_mix(nnx.to_pure_dict(nnx.state(mix, nnx.Param)), x, POSITIONS, variant)
   np.testing.assert_allclose(y[:, :12], expected[:, :12], rtol=1e-4, atol=1e-4)  # outputs at padding mean nothing
-  cache, pieces = mix.init_cache(2, jnp.float32), []
+  cache, pieces = mix.init_cache(2, 14, jnp.float32), []
   for start, stop in [(0, 7), (7, 14)]:  # the second continues a document across the call (and one starts at 5)
-    piece, cache = run(mix, x[:, start:stop], POSITIONS[:, start:stop], documents[:, start:stop], cache)
+    piece, cache = run(mix, x[:, start:stop], jax.tree.map(lambda a: a[:, start:stop], segments), cache)
     pieces.append(piece)
   np.testing.assert_allclose(jnp.concatenate(pieces, axis=1)[:, :12], y[:, :12], rtol=1e-5, atol=1e-5)
