@@ -2,6 +2,7 @@
 key cache (docs/architectures.md, GoldFinch; architectures/goldfinch.py).
 
   --config=experiments/configs/goldfinch.py:tiny       CPU, trains in about a minute
+  --config=experiments/configs/goldfinch.py:small      8 layers (5 Finch-C2 + 3 GOLD, the paper's split rule), D=512
   --config=experiments/configs/goldfinch.py:l12_d768   the paper's ablation shape: 12 layers (8 Finch-C2
                                                        + 4 GOLD), D=768, head size 64
 
@@ -17,6 +18,7 @@ SIZES = {
     # (rows of 128 train in 4 chunks; the contract test's rows of 40 in a full and a partial one).
     'tiny': dict(num_layers=3, dim=128, head_dim=32, mix_lora_rank=16, decay_lora_rank=16, gold_lora_rank=16,
                  wkv_chunk_size=32),
+    'small': dict(num_layers=8, dim=512, head_dim=64, wkv_chunk_size=64),
     'l12_d768': dict(num_layers=12, dim=768, head_dim=64, wkv_chunk_size=64),
 }
 

@@ -1,6 +1,8 @@
 """Griffin: RG-LRU recurrent blocks and local MQA attention, pattern (recurrent, recurrent, attention).
 
   --config=experiments/configs/griffin.py:tiny                CPU, trains in about a minute
+  --config=experiments/configs/griffin.py:small               D=512, 9 layers (3 x rra), 8 heads, window
+                                                              1024 (the paper's at 2048-token rows); 28.4M
   --config=experiments/configs/griffin.py:150m                D=1024, 12 layers, 8 heads, window 1024 (151M)
   --config=experiments/configs/griffin.py:bench               recurrentgemma's benchmark shape: 150m with vocabulary 32768
                                                               and its window 1024 (1025 here); 184M
@@ -26,6 +28,7 @@ GEMMA_VOCAB = 256_000
 
 SIZES = {
     'tiny': dict(vocab_size=384, num_layers=3, dim=128, num_heads=4, lru_width=128, mlp_dim=384, window=16),
+    'small': dict(vocab_size=384, num_layers=9, dim=512, num_heads=8, lru_width=512, mlp_dim=1536, window=1024),
     '150m': dict(vocab_size=384, num_layers=12, dim=1024, num_heads=8, lru_width=1024, mlp_dim=3072, window=1024),
     'bench': dict(vocab_size=32768, num_layers=12, dim=1024, num_heads=8, lru_width=1024, mlp_dim=3072, window=1025),
     '1b': dict(vocab_size=32768, num_layers=18, dim=2048, num_heads=16, lru_width=2048, mlp_dim=6144, window=1025),

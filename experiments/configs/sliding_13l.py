@@ -4,6 +4,8 @@ the same parameters and step time), trained on the same streamed segments with t
 carried between them.
 
   --config=experiments/configs/sliding_13l.py:tiny   4 layers (block_recurrent tiny has 3), window 8
+  --config=experiments/configs/sliding_13l.py:small  9 layers (block_recurrent small has 8), window 512,
+                                                     segments of 2048 (every family's rows at small)
   --config=experiments/configs/sliding_13l.py:150m   13 layers, window 512, segments of 4096
 """
 from ml_collections import ConfigDict
@@ -15,6 +17,6 @@ def get_config(size: str = 'tiny') -> ConfigDict:
   if size not in block_recurrent.SIZES:
     raise ValueError(f'unknown size {size!r}; known: {sorted(block_recurrent.SIZES)}')
   config = transformer_xl.get_config(size, num_layers=block_recurrent.SIZES[size]['num_layers'] + 1)
-  if size != 'tiny':
+  if size not in ('tiny', 'small'):
     config.update(seq_len=4096, batch_size=16)  # segments as block_recurrent.py:150m
   return config

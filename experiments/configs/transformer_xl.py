@@ -3,6 +3,8 @@ sliding window of W keys, in long-document streaming mode, so each segment conti
 last W keys of the previous one (the XL cache, carried without gradient).
 
   --config=experiments/configs/transformer_xl.py:tiny   window 8 (as block_recurrent.py:tiny), segments of 128
+  --config=experiments/configs/transformer_xl.py:small  block_recurrent.py:small without the cell: window 512,
+                                                        segments of 2048 (every family's rows at small)
   --config=experiments/configs/transformer_xl.py:150m   the paper's XL:512: window 512 and segments of 512
                                                         (no gradient across windows), 128 rows a step
 
@@ -27,7 +29,7 @@ def get_config(size: str = 'tiny', num_layers: int | None = None) -> ConfigDict:
   config = base_config()
   config.model = model_config('transformer', vocab_size=384, **fields)
   training_fields(config, size)
-  if size != 'tiny':
+  if size not in ('tiny', 'small'):
     config.update(seq_len=fields['window'], batch_size=128)  # 64K tokens a step
   config.streaming.enabled = True
   config.streaming.memory = fields['window']  # the XL cache: the last W keys of each layer
