@@ -87,20 +87,21 @@ class Decoder(SequenceModel):
     """tokens [B, T] int32 (values [B, T, F] when forecasting) -> logits [B, T or 1, V] (predictions [.., F])."""
     segments, cursor = locate(positions, None if cache is None else cache.cursor)
     x = self.embed(tokens)  # [B, T, D]
-    x, layer_caches = self.run_layers(x, segments, None if cache is None else cache.layers)
-    if last_only:
-      x = x[:, -1:]
+    x, layer_caches = self.run_layers(x, segments, None if cache is None else cache.layers, last_only=last_only)
     logits = self.io.logits(self.final_norm(x), capped)
     return logits, (None if cache is None else cache.replace(cursor=cursor, layers=layer_caches))
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     return self.io.embed_tokens(tokens)
 
-  def run_layers(self, x: jax.Array, segments: Segments, caches: Any) -> tuple[jax.Array, Any]:
-    """x [B, T, D] through every layer; `caches` as init_cache built them (None: no cache)."""
+  def run_layers(self, x: jax.Array, segments: Segments, caches: Any, *,
+                 last_only: bool = False) -> tuple[jax.Array, Any]:
+    """x [B, T, D] through every layer -> [B, T, D] ([B, 1, D], the last position, with `last_only`: a family
+    may then skip work the last position does not need); `caches` as init_cache built them (None: no cache)."""
     cfg = self.config
-    return stack.apply_layers(self.layers, x, caches, lambda layer, h, cache: layer(h, segments, cache),
-                              scan=cfg.scan_layers, remat=cfg.remat)
+    x, caches = stack.apply_layers(self.layers, x, caches, lambda layer, h, cache: layer(h, segments, cache),
+                                   scan=cfg.scan_layers, remat=cfg.remat)
+    return (x[:, -1:] if last_only else x), caches
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     cfg = self.config

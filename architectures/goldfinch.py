@@ -153,19 +153,13 @@ class GoldFinch(Decoder):
       self.compression, self.gold_layers = None, None
     self.final_norm = LayerNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=pd)
 
-  @staticmethod
-  def make_channel_mix(cfg: GoldFinchConfig, layer: int | jax.Array, rngs: nnx.Rngs) -> ChannelMix:
-    return ChannelMix(cfg.dim, cfg.hidden_dim, layer=layer, num_layers=cfg.num_layers,
-                      out_init_scale=cfg.residual_init_scale, rngs=rngs, **cfg.dtypes)
-
   @classmethod
   def make_rwkv_block(cls, cfg: GoldFinchConfig, layer: int | jax.Array, rngs: nnx.Rngs) -> RWKVBlock:
     mixer = TimeMix(cfg.dim, cfg.num_heads, cfg.head_dim, layer=layer, num_layers=cfg.num_layers,
                     variant=cfg.time_mix, mix_rank=cfg.mix_lora_rank, decay_rank=cfg.decay_lora_rank,
                     impl=cfg.wkv_impl, chunk_size=cfg.wkv_chunk_size, out_init_scale=cfg.residual_init_scale,
                     rngs=rngs, **cfg.dtypes)
-    return RWKVBlock(cfg.dim, mixer, cls.make_channel_mix(cfg, layer, rngs), norm_eps=cfg.norm_eps,
-                     param_dtype=cfg.dtypes['param_dtype'])
+    return cls.make_block(cfg, mixer, layer, rngs)
 
   @classmethod
   def make_gold_block(cls, cfg: GoldFinchConfig, layer: int | jax.Array, rngs: nnx.Rngs) -> RWKVBlock:
@@ -173,8 +167,15 @@ class GoldFinch(Decoder):
                           mix_rank=cfg.mix_lora_rank, kv_rank=cfg.kv_rank, rope=cfg.gold_rope,
                           rope_base=cfg.rope_base, impl=cfg.attention_impl, out_init_scale=cfg.residual_init_scale,
                           rngs=rngs, **cfg.dtypes)
-    return RWKVBlock(cfg.dim, mixer, cls.make_channel_mix(cfg, layer, rngs), norm_eps=cfg.norm_eps,
-                     param_dtype=cfg.dtypes['param_dtype'])
+    return cls.make_block(cfg, mixer, layer, rngs)
+
+  @staticmethod
+  def make_block(cfg: GoldFinchConfig, mixer: TimeMix | GoldAttention, layer: int | jax.Array,
+                 rngs: nnx.Rngs) -> RWKVBlock:
+    """The RWKV block of layer `layer` around `mixer`, with its channel mix."""
+    channel_mix = ChannelMix(cfg.dim, cfg.hidden_dim, layer=layer, num_layers=cfg.num_layers,
+                             out_init_scale=cfg.residual_init_scale, rngs=rngs, **cfg.dtypes)
+    return RWKVBlock(cfg.dim, mixer, channel_mix, norm_eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """x0 = LN0(E[token]) [B, T, D]: the residual stream's start and the GOLD key/value source

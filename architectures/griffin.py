@@ -229,14 +229,15 @@ class Griffin(Decoder):
     stacks = {'groups': (self.groups, num_groups, cfg.scan_layers), 'tail': (self.tail, len(self.tail), False)}
     return {name: (layers, count, scan) for name, (layers, count, scan) in stacks.items() if count}
 
-  def run_layers(self, x: jax.Array, segments: Segments, caches: Any) -> tuple[jax.Array, Any]:
-    """x [B, T, D] through the groups (one lax.scan with scan_layers), then the tail."""
+  def run_layers(self, x: jax.Array, segments: Segments, caches: Any, *,
+                 last_only: bool = False) -> tuple[jax.Array, Any]:
+    """x [B, T, D] through the groups (one lax.scan with scan_layers), then the tail (Decoder.run_layers)."""
     new_caches = {}
     for name, (layers, _, scan) in self.stacks().items():
       x, new_caches[name] = stack.apply_layers(
           layers, x, None if caches is None else caches[name],
           lambda group, h, cache: group(h, segments, cache), scan=scan, remat=self.config.remat)
-    return x, (None if caches is None else new_caches)
+    return (x[:, -1:] if last_only else x), (None if caches is None else new_caches)
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     layers = {name: stack.init_caches(layers, count, batch, max_len, dtype, scan=scan)

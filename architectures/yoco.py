@@ -50,7 +50,7 @@ from architectures.base import ModelCache
 from architectures.decoder import Decoder, DecoderConfig
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
-from layers.documents import Cursor, Segments, locate
+from layers.documents import Cursor, Segments
 from layers.flops import Lengths, attention_flops, document_lengths, mean_visible_keys
 from layers.gated_retention import GatedRetention
 from layers.kv_cache import KVCache, Keys
@@ -244,15 +244,6 @@ class YOCO(Decoder):
     self.cross_layers = stack.create_layers(lambda r: block(cfg, cross_attention(cfg, r), r), cfg.cross_layers,
                                             rngs, scan=cfg.scan_layers)
     self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
-
-  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
-               last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
-    """Decoder's, except that with `last_only` the cross-decoder runs for the last position only (early exit)."""
-    segments, cursor = locate(positions, None if cache is None else cache.cursor)
-    x = self.embed(tokens)  # [B, T, D]
-    x, layer_caches = self.run_layers(x, segments, None if cache is None else cache.layers, last_only=last_only)
-    logits = self.io.logits(self.final_norm(x), capped)  # [B, T or 1, V]
-    return logits, (None if cache is None else cache.replace(cursor=cursor, layers=layer_caches))
 
   def run_layers(self, x: jax.Array, segments: Segments, caches: YOCOLayerCaches | None, *,
                  last_only: bool = False) -> tuple[jax.Array, YOCOLayerCaches | None]:
