@@ -27,6 +27,7 @@ from layers import sharding
 from layers.documents import PAD_DOCUMENT, Segments
 from layers.flops import Lengths
 from layers.linear import Dense
+from layers.param_roles import QUERY, param
 
 IMPLEMENTATIONS = ('scan', 'chunked')
 
@@ -167,7 +168,7 @@ class Aaren(nnx.Module):
     self.dim, self.num_heads, self.head_dim, self.impl, self.chunk_size = dim, num_heads, head_dim, impl, chunk_size
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     query_init = sharding.partitioned(nnx.initializers.normal(1.0), (sharding.HEADS, sharding.HEAD_DIM))
-    self.query = nnx.Param(query_init(rngs.params(), (num_heads, head_dim), param_dtype))
+    self.query = param(query_init(rngs.params(), (num_heads, head_dim), param_dtype), QUERY)
     self.key = Dense(dim, (num_heads, head_dim), names=(sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM), **common)
     self.value = Dense(dim, (num_heads, head_dim), names=(sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM),
                        **common)

@@ -54,6 +54,7 @@ from layers.kv_cache import KVCache
 from layers.linear import Dense
 from layers.mlp import ACTIVATIONS
 from layers.norms import RMSNorm
+from layers.param_roles import BIAS, NORM, STATE, param
 from layers.windowed_attention import Blocked, Keys, Layout, WindowedAttention, attend, l2_normalise
 
 GATES = ('fixed', 'lstm')
@@ -92,7 +93,7 @@ class Gate(nnx.Module):
     self.kind = kind
     if kind == 'fixed':
       init = sharding.partitioned(nnx.initializers.normal(0.1), (sharding.NORM,))
-      self.bias = nnx.Param(init(rngs.params(), (dim,), param_dtype))
+      self.bias = param(init(rngs.params(), (dim,), param_dtype), BIAS)
     else:  # meliad: kernels at 0.1 x the usual fan-in variance; biases start at 0 here
       common = dict(names=(*in_names, sharding.EMBED), use_bias=True, init_scale=0.1,
                     dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -143,11 +144,11 @@ class BlockRecurrentCell(nnx.Module):
     self.dtype = dtype
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     state_names = (None, sharding.EMBED)
-    self.state_ids = nnx.Param(sharding.partitioned(nnx.initializers.normal(1.0), state_names)(
-        rngs.params(), (num_states, dim), param_dtype))
+    self.state_ids = param(sharding.partitioned(nnx.initializers.normal(1.0), state_names)(
+        rngs.params(), (num_states, dim), param_dtype), STATE)
     # Initial state at a document start: small, as meliad.
-    self.initial_state = nnx.Param(sharding.partitioned(nnx.initializers.normal(0.1), state_names)(
-        rngs.params(), (num_states, dim), jnp.float32))
+    self.initial_state = param(sharding.partitioned(nnx.initializers.normal(0.1), state_names)(
+        rngs.params(), (num_states, dim), jnp.float32), STATE)
     self.norm = RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype)
     q_names = (sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM)
     kv_names = (sharding.EMBED, sharding.KV_HEADS, sharding.HEAD_DIM)
@@ -159,8 +160,8 @@ class BlockRecurrentCell(nnx.Module):
     else:  # the same modules as the token side's: nnx keeps one copy of the shared parameters
       self.key, self.value = token_kv
     ones = sharding.partitioned(nnx.initializers.ones, (sharding.HEADS,))
-    self.scale = nnx.Param(ones(None, (num_heads,), param_dtype)) if qk_norm else None
-    self.scale2 = nnx.Param(ones(None, (num_heads,), param_dtype)) if qk_norm else None
+    self.scale = param(ones(None, (num_heads,), param_dtype), NORM) if qk_norm else None
+    self.scale2 = param(ones(None, (num_heads,), param_dtype), NORM) if qk_norm else None
     attn_in, attn_names = (2, num_heads, head_dim), (None, sharding.HEADS, sharding.HEAD_DIM)
     if variant == 'single':
       self.out = self.attention_gate = self.ffn_norm = None
@@ -374,7 +375,7 @@ class BlockRecurrentAttention(WindowedAttention):
     self.query2 = Dense(dim, (num_heads, head_dim), names=(sharding.EMBED, sharding.HEADS, sharding.HEAD_DIM),
                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     ones = sharding.partitioned(nnx.initializers.ones, (sharding.HEADS,))
-    self.scale2 = nnx.Param(ones(None, (num_heads,), param_dtype)) if self.qk_norm else None
+    self.scale2 = param(ones(None, (num_heads,), param_dtype), NORM) if self.qk_norm else None
     self.cell = BlockRecurrentCell(
         dim, num_heads, num_kv_heads, head_dim, window=window, num_states=num_states, gate=gate, variant=variant,
         mlp_dim=mlp_dim, mlp_activation=mlp_activation, qk_norm=self.qk_norm,

@@ -20,6 +20,7 @@ from flax import nnx
 
 from layers import sharding
 from layers.documents import PAD_DOCUMENT
+from layers.param_roles import BIAS, PROJECTION, param
 
 
 @flax.struct.dataclass
@@ -43,9 +44,9 @@ class CausalConv1D(nnx.Module):
     self.dim, self.width = dim, width
     self.dtype = dtype
     init = nnx.initializers.variance_scaling(init_scale, 'fan_in', 'truncated_normal', in_axis=0, out_axis=1)
-    self.kernel = nnx.Param(sharding.partitioned(init, (sharding.CONV, sharding.LRU))(
-        rngs.params(), (width, dim), param_dtype))
-    self.bias = nnx.Param(sharding.partitioned(nnx.initializers.zeros, (sharding.LRU,))(None, (dim,), param_dtype))
+    self.kernel = param(sharding.partitioned(init, (sharding.CONV, sharding.LRU))(
+        rngs.params(), (width, dim), param_dtype), PROJECTION)
+    self.bias = param(sharding.partitioned(nnx.initializers.zeros, (sharding.LRU,))(None, (dim,), param_dtype), BIAS)
 
   def init_state(self, batch: int, dtype: jnp.dtype) -> ConvState:
     return ConvState.create(batch, self.width, self.dim, dtype)

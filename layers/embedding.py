@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import sharding
+from layers.param_roles import EMBEDDING, param
 
 
 @jax.custom_vjp
@@ -42,7 +43,7 @@ class Embed(nnx.Module):
                rngs: nnx.Rngs):
     self.dtype = dtype
     init = sharding.partitioned(nnx.initializers.normal(init_std), (sharding.VOCAB, sharding.EMBED))
-    self.table = nnx.Param(init(rngs.params(), (vocab_size, dim), param_dtype))
+    self.table = param(init(rngs.params(), (vocab_size, dim), param_dtype), EMBEDDING)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, T] int32 -> [B, T, D]
     return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)

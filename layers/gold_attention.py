@@ -46,7 +46,7 @@ from layers.flops import Lengths, attention_flops, document_lengths, mean_visibl
 from layers.layer_norm import LayerNorm
 from layers.linear import Dense
 from layers.rope import apply_rope
-from layers.rwkv6 import constant, layer_ratios, lora, mix_profile, per_layer, uniform, zeros
+from layers.rwkv6 import constant, layer_ratios, lora, lora_uniform, lora_zeros, mix_profile, per_layer
 
 
 def rms(x: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -216,14 +216,14 @@ class GoldAttention(nnx.Module):
     self.mix_c = constant(init['mix_c'], embed, pd)
     self.mix_k = constant(init['mix_k'], embed, pd)
     self.mix_v = constant(init['mix_v'], embed, pd)
-    self.q_lora_a = zeros((dim, mix_rank), (sharding.EMBED, None), pd)
-    self.q_lora_b = uniform(rngs, (mix_rank, dim), (None, sharding.EMBED), pd)
-    self.kv_lora_a = zeros((dim, 2, mix_rank), (sharding.EMBED, None, None), pd)
-    self.kv_lora_b = uniform(rngs, (2, mix_rank, dim), (None, None, sharding.EMBED), pd)
-    self.k_lora_a = zeros((dim, kv_rank), (sharding.EMBED, None), pd)
-    self.k_lora_b = uniform(rngs, (kv_rank, dim), (None, sharding.EMBED), pd)
-    self.v_lora_a = zeros((dim, kv_rank), (sharding.EMBED, None), pd)
-    self.v_lora_b = uniform(rngs, (kv_rank, dim), (None, sharding.EMBED), pd)
+    self.q_lora_a = lora_zeros((dim, mix_rank), (sharding.EMBED, None), pd)
+    self.q_lora_b = lora_uniform(rngs, (mix_rank, dim), (None, sharding.EMBED), pd)
+    self.kv_lora_a = lora_zeros((dim, 2, mix_rank), (sharding.EMBED, None, None), pd)
+    self.kv_lora_b = lora_uniform(rngs, (2, mix_rank, dim), (None, None, sharding.EMBED), pd)
+    self.k_lora_a = lora_zeros((dim, kv_rank), (sharding.EMBED, None), pd)
+    self.k_lora_b = lora_uniform(rngs, (kv_rank, dim), (None, sharding.EMBED), pd)
+    self.v_lora_a = lora_zeros((dim, kv_rank), (sharding.EMBED, None), pd)
+    self.v_lora_b = lora_uniform(rngs, (kv_rank, dim), (None, sharding.EMBED), pd)
     common = dict(dtype=dtype, param_dtype=pd, rngs=rngs)
     heads = (sharding.HEADS, sharding.HEAD_DIM)
     self.query = Dense(dim, (num_heads, head_dim), names=(sharding.EMBED, *heads), **common)

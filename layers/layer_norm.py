@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import sharding
+from layers.param_roles import NORM, param
 
 
 class LayerNorm(nnx.Module):
@@ -24,8 +25,9 @@ class LayerNorm(nnx.Module):
     self.eps = eps
     self.axes = tuple(range(-(group_axes or len(shape)), 0))
     names = (sharding.NORM,) * len(shape)
-    self.scale = nnx.Param(sharding.partitioned(nnx.initializers.constant(scale_init), names)(None, shape, param_dtype))
-    self.bias = nnx.Param(sharding.partitioned(nnx.initializers.zeros, names)(None, shape, param_dtype))
+    self.scale = param(sharding.partitioned(nnx.initializers.constant(scale_init), names)(None, shape, param_dtype),
+                       NORM)
+    self.bias = param(sharding.partitioned(nnx.initializers.zeros, names)(None, shape, param_dtype), NORM)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)

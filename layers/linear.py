@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import sharding
+from layers.param_roles import BIAS, PROJECTION, param
 
 
 def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
@@ -32,9 +33,10 @@ class Dense(nnx.Module):
     init = nnx.initializers.variance_scaling(
         init_scale, 'fan_in', 'truncated_normal',
         in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + len(out_shape))))
-    self.kernel = nnx.Param(sharding.partitioned(init, names)(rngs.params(), in_shape + out_shape, param_dtype))
+    self.kernel = param(sharding.partitioned(init, names)(rngs.params(), in_shape + out_shape, param_dtype),
+                        PROJECTION)
     bias_init = sharding.partitioned(nnx.initializers.zeros, names[n_in:])
-    self.bias = nnx.Param(bias_init(None, out_shape, param_dtype)) if use_bias else None
+    self.bias = param(bias_init(None, out_shape, param_dtype), BIAS) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [..., *in] -> [..., *out]
     n = self.num_in

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import sharding
+from layers.param_roles import NORM, param
 
 
 class RMSNorm(nnx.Module):
@@ -18,7 +19,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
     self.zero_centered = zero_centered
     init = nnx.initializers.zeros if zero_centered else nnx.initializers.ones
-    self.scale = nnx.Param(sharding.partitioned(init, (sharding.NORM,))(None, (dim,), param_dtype))
+    self.scale = param(sharding.partitioned(init, (sharding.NORM,))(None, (dim,), param_dtype), NORM)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [..., D] -> [..., D]
     x32 = x.astype(jnp.float32)

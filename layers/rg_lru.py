@@ -32,6 +32,7 @@ from layers import kernel_sharding, pallas_rg_lru, sharding
 from layers.linear_recurrence import IMPLEMENTATIONS as RECURRENCE_IMPLEMENTATIONS
 from layers.linear_recurrence import linear_recurrence
 from layers.linear_recurrence import resolve_impl as resolve_recurrence_impl
+from layers.param_roles import BIAS, PROJECTION, RECURRENCE, param
 from layers.rg_lru_gates import MAX_SQRT_GRADIENT, chain_rule, gates, normalized_input, sqrt_bounded_derivative
 
 IMPLEMENTATIONS = (*RECURRENCE_IMPLEMENTATIONS, 'fused')
@@ -72,10 +73,10 @@ class BlockDiagonalLinear(nnx.Module):
     init = nnx.initializers.variance_scaling(init_scale, 'fan_in', 'truncated_normal',
                                              in_axis=2, out_axis=3, batch_axis=(0, 1))
     # The blocks stay replicated: num_heads (10 in RecurrentGemma-2B) need not divide the tensor axis.
-    self.kernel = nnx.Param(sharding.partitioned(init, (None, None, None, None))(
-        rngs.params(), (num_outputs, num_blocks, block, block), param_dtype))
-    self.bias = nnx.Param(sharding.partitioned(nnx.initializers.zeros, (None, None, None))(
-        None, (num_outputs, num_blocks, block), param_dtype))
+    self.kernel = param(sharding.partitioned(init, (None, None, None, None))(
+        rngs.params(), (num_outputs, num_blocks, block, block), param_dtype), PROJECTION)
+    self.bias = param(sharding.partitioned(nnx.initializers.zeros, (None, None, None))(
+        None, (num_outputs, num_blocks, block), param_dtype), BIAS)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [..., W] -> [..., G, W]
     blocks = x.astype(self.dtype).reshape(*x.shape[:-1], self.num_blocks, -1)
@@ -98,8 +99,8 @@ class RGLRU(nnx.Module):
     self.width = width
     common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gates = BlockDiagonalLinear(width, num_heads, 2, **common)  # [input gate, recurrence (a) gate]
-    self.a_param = nnx.Param(sharding.partitioned(a_param_init(min_rad, max_rad), (sharding.LRU,))(
-        rngs.params(), (width,), param_dtype))
+    self.a_param = param(sharding.partitioned(a_param_init(min_rad, max_rad), (sharding.LRU,))(
+        rngs.params(), (width,), param_dtype), RECURRENCE)
 
   def init_state(self, batch: int) -> jax.Array:
     return jnp.zeros((batch, self.width), jnp.float32)

@@ -47,6 +47,7 @@ from layers.documents import Segments
 from layers.flops import Lengths, attention_flops, mean_visible_keys
 from layers.layer_norm import LayerNorm
 from layers.linear import Dense
+from layers.param_roles import LORA, RECURRENCE, param
 from layers.residual import Mixer
 from layers.wkv import IMPLEMENTATIONS, wkv
 
@@ -76,18 +77,21 @@ def per_layer(values: Callable[[int], Any], layer: int | jax.Array, num_layers: 
 
 
 def constant(value: np.ndarray | jax.Array, names, dtype: jnp.dtype) -> nnx.Param:
-  """A parameter starting at `value` (a numpy array, or a looked-up row of one), with logical axis names."""
+  """A recurrence parameter (token-shift mix, decay, bonus) starting at `value` (a numpy array, or a
+  looked-up row of one), with logical axis names."""
   init = lambda key, shape, dtype: jnp.asarray(value, dtype).reshape(shape)
-  return nnx.Param(sharding.partitioned(init, names)(None, value.shape, dtype))
+  return param(sharding.partitioned(init, names)(None, value.shape, dtype), RECURRENCE)
 
 
-def uniform(rngs: nnx.Rngs, shape, names, dtype: jnp.dtype, scale: float = 0.01) -> nnx.Param:
+def lora_uniform(rngs: nnx.Rngs, shape, names, dtype: jnp.dtype, scale: float = 0.01) -> nnx.Param:
+  """A LoRA matrix drawn from U(-scale, scale) (the reference's w2)."""
   init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -scale, scale)
-  return nnx.Param(sharding.partitioned(init, names)(rngs.params(), shape, dtype))
+  return param(sharding.partitioned(init, names)(rngs.params(), shape, dtype), LORA)
 
 
-def zeros(shape, names, dtype: jnp.dtype) -> nnx.Param:
-  return nnx.Param(sharding.partitioned(nnx.initializers.zeros, names)(None, shape, dtype))
+def lora_zeros(shape, names, dtype: jnp.dtype) -> nnx.Param:
+  """A LoRA matrix starting at zero (the reference's w1)."""
+  return param(sharding.partitioned(nnx.initializers.zeros, names)(None, shape, dtype), LORA)
 
 
 def lora(x: jax.Array, a: jax.Array, b: jax.Array, dtype: jnp.dtype) -> jax.Array:
@@ -145,11 +149,11 @@ class TimeMix(nnx.Module):
     self.mix_x = constant(init['mix_x'], embed, pd)
     self.mix = constant(init['mix'], (None, sharding.EMBED), pd)
     num_branches = len(self.branches)
-    self.mix_lora_a = zeros((dim, num_branches, mix_rank), (sharding.EMBED, None, None), pd)
-    self.mix_lora_b = uniform(rngs, (num_branches, mix_rank, dim), (None, None, sharding.EMBED), pd)
+    self.mix_lora_a = lora_zeros((dim, num_branches, mix_rank), (sharding.EMBED, None, None), pd)
+    self.mix_lora_b = lora_uniform(rngs, (num_branches, mix_rank, dim), (None, None, sharding.EMBED), pd)
     self.decay = constant(init['decay'], heads, pd)
-    self.decay_lora_a = zeros((dim, decay_rank), (sharding.EMBED, None), pd)
-    self.decay_lora_b = uniform(rngs, (decay_rank, num_heads, head_dim), (None, *heads), pd)
+    self.decay_lora_a = lora_zeros((dim, decay_rank), (sharding.EMBED, None), pd)
+    self.decay_lora_b = lora_uniform(rngs, (decay_rank, num_heads, head_dim), (None, *heads), pd)
     common = dict(dtype=dtype, param_dtype=pd, rngs=rngs)
     names = (sharding.EMBED, *heads)
     self.receptance = Dense(dim, (num_heads, head_dim), names=names, **common)
@@ -164,8 +168,8 @@ class TimeMix(nnx.Module):
       self.ln_x = LayerNorm((num_heads, head_dim), eps=64e-5, group_axes=1, scale_init=init['ln_scale'],
                             param_dtype=pd)
     else:
-      self.value2_lora_a = zeros((dim, decay_rank), (sharding.EMBED, None), pd)
-      self.value2_lora_b = uniform(rngs, (decay_rank, num_heads, head_dim), (None, *heads), pd)
+      self.value2_lora_a = lora_zeros((dim, decay_rank), (sharding.EMBED, None), pd)
+      self.value2_lora_b = lora_uniform(rngs, (decay_rank, num_heads, head_dim), (None, *heads), pd)
       self.ln_x = LayerNorm((num_heads, head_dim), eps=1e-5, scale_init=init['ln_scale'], param_dtype=pd)
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> TimeMixCache:

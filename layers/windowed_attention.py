@@ -41,6 +41,7 @@ from layers.documents import PAD_DOCUMENT, Segments
 from layers.flops import Lengths, attention_flops, document_lengths, mean_visible_keys, token_offsets
 from layers.kv_cache import KVCache
 from layers.linear import Dense
+from layers.param_roles import BIAS, NORM, param
 from layers.rope import apply_rope
 
 SPANS = ('sliding', 'block')
@@ -270,10 +271,10 @@ class WindowedAttention(nnx.Module):
     self.key = Dense(dim, (num_kv_heads, head_dim), names=kv_names, **common)
     self.value = Dense(dim, (num_kv_heads, head_dim), names=kv_names, **common)
     ones = sharding.partitioned(nnx.initializers.ones, (sharding.HEADS,))
-    self.scale = nnx.Param(ones(None, (num_heads,), param_dtype)) if qk_norm else None
+    self.scale = param(ones(None, (num_heads,), param_dtype), NORM) if qk_norm else None
     if position == 't5':
       init = sharding.partitioned(nnx.initializers.normal(num_heads ** -0.5), (None, sharding.HEADS))
-      self.relative_bias = nnx.Param(init(rngs.params(), (num_buckets, num_heads), param_dtype))
+      self.relative_bias = param(init(rngs.params(), (num_buckets, num_heads), param_dtype), BIAS)
     else:
       self.relative_bias = None
     in_shape, in_names = (num_heads, head_dim), (sharding.HEADS, sharding.HEAD_DIM)
