@@ -33,6 +33,12 @@ see the same number of training tokens whatever their batch and row length
 settings come from the configs (transformer.training_fields: the same for every
 family of a size); the table's header states them, and says so if they differ.
 
+`--variants=finch_c2=finch:model.time_mix=finch_c2` adds an ablation: a run named finch_c2 of
+finch.py with that field overridden, compared like any config (list it in --families). Each run's
+result is kept in <run>/compare_result.json: a later comparison with the same settings reads it
+instead of training and evaluating again, so runs can be added a few at a time. `--contexts=`
+(empty) skips the decode measurement.
+
 `--seeds=transformer:2,griffin:2` trains those families again with seeds
 config.seed + 1, ... in <workdir>/<name>_seed<seed> (initialisation and data
 order change; evaluation uses the first run's seed, so every seed is scored on
@@ -40,8 +46,6 @@ the same held-out rows and task examples). The table shows each seed's row and,
 for families with several seeds, the spread (max - min) of each metric; decoding
 is measured for the first seed only (it does not depend on the weights).
 """
-import glob
-import importlib
 import json
 import os
 import statistics
@@ -50,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from experiments import compare_plots, flag_parsing
+from experiments import compare_plots, configs, flag_parsing
 from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
 from trainers.logs import quiet_library_logs
@@ -58,9 +62,7 @@ from trainers.measure_decode import benchmark_decode, human_bytes
 from trainers.run_config import recorded
 from trainers.train_loop import train
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs')
-ALL = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(_CONFIG_DIR, '*.py'))
-             if not os.path.basename(p).startswith(('_', 'common')))
+ALL = configs.NAMES
 EVAL_TASKS = ('mqar', 'passkey')
 
 _FAMILIES = flags.DEFINE_list('families', ALL, 'Config names under experiments/configs to compare.')
@@ -76,6 +78,9 @@ _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', None, 'Batches of each eval
                                      "row length, each task and passkey cell); default: the config's eval_batches.")
 _CONTEXTS = flags.DEFINE_list('contexts', ['256', '1024', '4096'], 'Decode: context lengths to measure.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'tfds data_dir for every run (default: the configs\').')
+_VARIANTS = flags.DEFINE_list('variants', [], 'name=config:field=value[:field=value...],...: a run named `name` of '
+                              'experiments/configs/<config>.py with config fields overridden (an ablation), '
+                              'listed in --families like a config, e.g. finch_c2=finch:model.time_mix=finch_c2.')
 _CACHE_CONTEXTS = [1024, 4096, 8192, 16384, 32768, 65536]
 
 
@@ -88,11 +93,45 @@ def steps_for_tokens(tokens: int, config) -> int:
   return tokens // per_step
 
 
+Variants = dict[str, tuple[str, dict[str, str]]]
+
+
+def parse_variants(entries: list[str]) -> Variants:
+  """['finch_c2=finch:model.time_mix=finch_c2', ...] -> {'finch_c2': ('finch', {'model.time_mix': 'finch_c2'})}."""
+  variants = {}
+  for entry in entries:
+    name, _, spec = entry.partition('=')
+    base, *fields = spec.split(':')
+    overrides = dict(field.partition('=')[::2] for field in fields)
+    if not name or base not in ALL or not overrides or not all(overrides):
+      raise ValueError(f'--variants: {entry!r} is not name=config:field=value[:field=value...] with a config '
+                       f'of {ALL}, e.g. finch_c2=finch:model.time_mix=finch_c2')
+    if name in ALL:
+      raise ValueError(f'--variants: {name!r} is already a config name; name the variant otherwise')
+    variants[name] = (base, overrides)
+  return variants
+
+
+def _override(config, field: str, text: str) -> None:
+  """config.<field> = text, converted to the type of the field's current value."""
+  *parents, leaf = field.split('.')
+  target = config
+  for parent in parents:
+    target = target[parent]
+  if leaf not in target:
+    raise ValueError(f'--variants: config.{field} does not exist')
+  old = target[leaf]
+  target[leaf] = text.lower() in ('1', 'true') if isinstance(old, bool) else type(old)(text)
+
+
 def family_config(name: str, size: str, steps: int | None, data_dir: str = '', *, tokens: int | None = None,
-                  seed_offset: int = 0, eval_batches: int | None = None):
+                  seed_offset: int = 0, eval_batches: int | None = None, variants: Variants | None = None):
   if steps and tokens:
     raise ValueError('--steps and --tokens both set: give one (steps per run, or tokens per run)')
-  config = importlib.import_module(f'experiments.configs.{name}').get_config(size)
+  base, overrides = (variants or {}).get(name, (name, {}))
+  config = configs.get(base, size)
+  for field, text in overrides.items():
+    _override(config, field, text)
   if data_dir:
     config.dataset.data_dir = data_dir
   if tokens:
@@ -151,25 +190,35 @@ def check_recorded_run(config, run_dir: str) -> None:
                        'use another --workdir, or remove that run')
 
 
+RESULT_FILE = 'compare_result.json'
+
+
 def run_family(name: str, size: str, steps: int | None, workdir: str, contexts: list[int],
                data_dir: str = '', *, tokens: int | None = None, seed_offset: int = 0,
-               eval_batches: int | None = None) -> dict:
+               eval_batches: int | None = None, variants: Variants | None = None) -> dict:
+  """Trains (or resumes) and evaluates one run; its result is kept in <run>/compare_result.json, which a
+  later comparison with the same settings reads instead of evaluating again."""
   config = family_config(name, size, steps, data_dir, tokens=tokens, seed_offset=seed_offset,
-                         eval_batches=eval_batches)
+                         eval_batches=eval_batches, variants=variants)
   run = run_name(name, config, seed_offset)
   run_dir = os.path.join(workdir, run)
   check_recorded_run(config, run_dir)
+  settings = dict(config=config.to_json_best_effort(sort_keys=True), contexts=contexts)
+  kept = _kept_result(run_dir, settings)
+  if kept:
+    logging.info('%s: read the finished result %s', run, os.path.join(run_dir, RESULT_FILE))
+    return kept
   train(config, run_dir)
   eval_config = family_config(name, size, steps, data_dir, tokens=tokens,  # the first seed's task examples
-                              eval_batches=eval_batches)
+                              eval_batches=eval_batches, variants=variants)
   evaluation = evaluate_checkpoint(eval_config, run_dir, num_batches=config.eval_batches)
   with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
   exp = Experiment.build(config)
   model = exp.abstract_model
   longest = max(evaluation['extrapolation'].values(), key=lambda e: e['seq_len'], default=evaluation)
-  decode = benchmark_decode(config, contexts, [1], 8, repeats=1)['results'] if not seed_offset else None
-  return dict(
+  decode = benchmark_decode(config, contexts, [1], 8, repeats=1)['results'] if contexts and not seed_offset else None
+  result = dict(
       name=name, run=run, seed=config.seed, params=sum(x.size for x in jax.tree.leaves(exp.abstract_state.params)),
       seq_len=config.seq_len, batch_size=config.batch_size, total_steps=config.total_steps,
       train_tokens=config.total_steps * config.batch_size * config.seq_len, optimizer=config.optimizer.to_dict(),
@@ -181,7 +230,25 @@ def run_family(name: str, size: str, steps: int | None, workdir: str, contexts: 
       cache_bytes={c: model.cache_bytes(1, c, jnp.bfloat16) for c in _CACHE_CONTEXTS},
       tokens_per_s=statistics.median([r['tokens_per_s'] for r in records if r.get('tokens_per_s')] or [0.0]),
       curve=[(r['step'], r['loss']) for r in records if 'loss' in r],
-      decode=decode)
+      decode=decode, base=(variants or {}).get(name, (name, {}))[0], overrides=(variants or {}).get(name, (name, {}))[1])
+  with open(os.path.join(run_dir, RESULT_FILE), 'w') as f:
+    json.dump(dict(settings=settings, result=result), f)
+  return result
+
+
+def _kept_result(run_dir: str, settings: dict) -> dict | None:
+  """The result an earlier comparison stored for this run with the same settings, else None."""
+  try:
+    with open(os.path.join(run_dir, RESULT_FILE)) as f:
+      kept = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if kept.get('settings') != json.loads(json.dumps(settings)):
+    return None
+  result = kept['result']  # JSON made the context keys strings
+  result['cache_bytes'] = {int(k): v for k, v in result['cache_bytes'].items()}
+  result['passkey']['by_length'] = {int(k): v for k, v in result['passkey']['by_length'].items()}
+  return result
 
 
 def _optimizer_text(opt: dict) -> str:
@@ -219,7 +286,11 @@ def header(results: list[dict], size: str, steps: int | None, tokens: int | None
   data_text = ('Same training split for every family' +
                (f" ({', '.join(streaming)} read it as long-document streams, one per batch row)" if streaming else '') +
                f"; seed {', '.join(map(str, seeds))} for every family's first run; evaluation on held-out files.")
-  return [f'Size `{size}`, {run_text}.', '', opt_text, '', data_text + _corpus_text(firsts[0].get('dataset')), '']
+  variants = [f"`{r['name']}` is `{r['base']}` with " + ', '.join(f'config.{k}={v}' for k, v in r['overrides'].items())
+              for r in firsts if r.get('overrides')]
+  variant_text = ['Ablations: ' + '; '.join(variants) + '.', ''] if variants else []
+  return [f'Size `{size}`, {run_text}.', '', opt_text, '', data_text + _corpus_text(firsts[0].get('dataset')), '',
+          *variant_text]
 
 
 def _corpus_text(dataset: dict | None) -> str:
@@ -278,9 +349,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
-  unknown = sorted(set(_FAMILIES.value) - set(ALL))
+  try:
+    variants = parse_variants(_VARIANTS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  unknown = sorted(set(_FAMILIES.value) - set(ALL) - set(variants))
   if unknown:
-    raise app.UsageError(f'--families: unknown configs {unknown}; known: {ALL}')
+    raise app.UsageError(f'--families: unknown configs {unknown}; known: {ALL} and --variants {sorted(variants)}')
   if _STEPS.value and _TOKENS.value:
     raise app.UsageError('--steps and --tokens are exclusive: give the steps per run or the tokens per run')
   if _TOKENS.value is not None and _TOKENS.value < 1:
@@ -292,17 +367,18 @@ def main(argv):
     runs += [(name, k) for name in _FAMILIES.value for k in range(1, seeds.get(name, 1))]
     for name, k in runs:  # fail before the first run trains, not after it
       config = family_config(name, _SIZE.value, _STEPS.value, tokens=_TOKENS.value, seed_offset=k,
-                             eval_batches=_EVAL_BATCHES.value)
+                             eval_batches=_EVAL_BATCHES.value, variants=variants)
       check_recorded_run(config, os.path.join(workdir, run_name(name, config, k)))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   os.makedirs(workdir, exist_ok=True)
-  contexts = [int(c) for c in _CONTEXTS.value]
+  contexts = [int(c) for c in _CONTEXTS.value]  # none: decoding is not measured
   results = {}
   for name, k in runs:
     logging.info('=== %s%s', name, f' (seed offset {k})' if k else '')
     results[name, k] = run_family(name, _SIZE.value, _STEPS.value, workdir, contexts, _DATA_DIR.value,
-                                  tokens=_TOKENS.value, seed_offset=k, eval_batches=_EVAL_BATCHES.value)
+                                  tokens=_TOKENS.value, seed_offset=k, eval_batches=_EVAL_BATCHES.value,
+                                  variants=variants)
   results = [results[key] for key in sorted(results, key=lambda key: (_FAMILIES.value.index(key[0]), key[1]))]
   with open(os.path.join(workdir, 'compare.json'), 'w') as f:
     json.dump(results, f, indent=2)

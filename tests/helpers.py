@@ -1,6 +1,4 @@
 """Small builders shared by the tests: tiny models and packed rows with several documents."""
-import glob
-import importlib
 import json
 import os
 
@@ -11,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 import architectures
+from experiments import configs
 
 
 def tiny_model(**fields) -> architectures.base.SequenceModel:
@@ -70,8 +69,7 @@ def tiny_experiment(data_dir: str, **overrides) -> ml_collections.ConfigDict:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every experiment config file: a new family is tested as soon as its config exists.
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 'experiments/configs/*.py'))
-                 if not os.path.basename(p).startswith(('_', 'common')))
+CONFIGS = configs.NAMES
 # One config per model class (the config file named after its family): the expensive whole-step
 # tests (sharded training, sampling, TPU compilation) run once per code path, not once per preset.
 FAMILY_CONFIGS = [name for name in CONFIGS if name in architectures.families()]
@@ -85,7 +83,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 def family_tiny_config(name: str, data_dir, mesh: dict | None = None) -> ml_collections.ConfigDict:
   """experiments/configs/<name>.py:tiny in float32, with short rows, for CPU tests."""
-  config = importlib.import_module(f'experiments.configs.{name}').get_config('tiny')
+  config = configs.get(name, 'tiny')
   config.model.dtype = 'float32'
   config.update(seq_len=32, batch_size=8, total_steps=10, mesh=mesh or dict(data=-1, fsdp=1, tensor=1))
   config.dataset.data_dir = str(data_dir)
