@@ -14,7 +14,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from experiments import distributed_flags, flag_parsing
-from trainers.checkpoints import Checkpointer
+from trainers.checkpoints import read_checkpoint
 from trainers.experiment import Experiment
 from trainers.logs import quiet_library_logs
 from trainers.run_config import config_for
@@ -25,10 +25,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory the model was trained in.', required=True)
 _PROMPTS = flags.DEFINE_multi_string('prompt', ['def '], 'Prompt text (repeat the flag for a batch).')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0 = all).')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens holding this mass.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 200, 'Tokens to generate at most.', lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 = greedy.', lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0 = all; at most the '
+                              "model's vocabulary).", lower_bound=0)
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample among the most likely tokens holding this mass.', lower_bound=0.0,
+                            upper_bound=1.0)
 _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest usable).')
 
@@ -39,17 +41,12 @@ def main(argv):
   quiet_library_logs()
   distributed_flags.maybe_initialize()
   config = config_for(_WORKDIR.value, _CONFIG.value, check_dataset=False)
+  if _TOP_K.value > config.model.vocab_size:
+    raise ValueError(f"--top_k={_TOP_K.value}: more than the model's {config.model.vocab_size} tokens "
+                     '(config.model.vocab_size); 0 samples among all of them')
   exp = Experiment.build(config)
-  checkpointer = Checkpointer(f'{_WORKDIR.value}/checkpoints', save_every=1, keep=1 << 30)
   with exp.activate():
-    if _STEP.value is None:
-      restored = checkpointer.restore_latest(exp.restore_target())
-      if restored is None:
-        raise app.UsageError(f'no checkpoint under {_WORKDIR.value}/checkpoints; train first')
-      state = restored[1]
-    else:
-      state = checkpointer.restore(_STEP.value, exp.restore_target())[0]
-  checkpointer.close()
+    _, state, _ = read_checkpoint(_WORKDIR.value, exp.restore_target(), _STEP.value)
   model = nnx.merge(exp.graphdef, jax.device_get(state.params))
   tokenizer = ByteTokenizer()
   prompts = [tokenizer.encode(p) for p in _PROMPTS.value]

@@ -4,6 +4,9 @@ Resumes from DIR's last checkpoint if there is one; writes DIR/metrics.jsonl
 and DIR/checkpoints/. Override any field with --config.<field>=<value>.
 --restart starts a new model in DIR, moving the earlier run's files to
 DIR/earlier_runs/<k>/ (a DIR whose checkpoints are all corrupt needs it).
+DIR may be on any filesystem etils.epath knows (gs://...). One trainer holds
+DIR at a time (DIR/lock); --force_unlock takes the lock of one that is gone
+from another host.
 """
 from absl import app, flags
 from ml_collections import config_flags
@@ -17,6 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.', required=True)
 _RESTART = flags.DEFINE_bool('restart', False, "Start a new model in --workdir; the earlier run's files (config, "
                              'metrics, evaluations, checkpoints) move to <workdir>/earlier_runs/<k>/.')
+_FORCE_UNLOCK = flags.DEFINE_bool('force_unlock', False, "Take over --workdir's lock from a trainer that no longer "
+                                  'runs (needed only for one on another host; a dead local one is detected).')
 
 
 def main(argv):
@@ -24,7 +29,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_library_logs()
   distributed_flags.maybe_initialize()
-  train(_CONFIG.value, _WORKDIR.value, restart=_RESTART.value)
+  train(_CONFIG.value, _WORKDIR.value, restart=_RESTART.value, force_unlock=_FORCE_UNLOCK.value)
 
 
 if __name__ == '__main__':

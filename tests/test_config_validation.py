@@ -20,13 +20,20 @@ from tests.helpers import family_tiny_config, tiny_experiment
     ({'model.vocab_size': 200}, r'config\.model\.vocab_size=200: the byte tokenizer needs at least 257'),
     ({'seq_len': 0}, r'config\.seq_len=0: must be positive'),
     ({'prefill_chunk': -1}, r'config\.prefill_chunk=-1: must be >= 0'),
+    ({'optimizer.learning_rate': float('nan')}, r'config\.optimizer\.learning_rate=nan: must be a number in \(0, '),
+    ({'optimizer.learning_rate': 0.0}, r'config\.optimizer\.learning_rate=0\.0: must be a number in \(0, inf\)'),
+    ({'optimizer.learning_rate': 1e39}, r'config\.optimizer\.learning_rate=1e\+39: beyond float32'),
+    ({'optimizer.weight_decay': -0.1}, r'config\.optimizer\.weight_decay=-0\.1: must be a number in \[0, inf\)'),
+    ({'optimizer.b2': 1.0}, r'config\.optimizer\.b2=1\.0: must be a number in \[0, 1\)'),
+    ({'keep_checkpoints': 0}, r'config\.keep_checkpoints=0: must be positive'),
     ({'sharding_rules': (('embed', 'fsdp'),)}, r'config\.sharding_rules has no rule for logical axes'),
     ({'mesh': dict(data=4, fsdp=1, tensor=2), 'model.vocab_size': 385},
      r"params\['io'\]\['embed'\]\['table'\].* dimension of 385 .* does not divide over mesh axes \('tensor',\)"),
 ])
 @pytest.mark.fault('a wrong config: unknown family or field, heads not dividing the width, a mesh that does not match '
                    'the devices, a batch not dividing over the data axes, a parameter that does not divide over its '
-                   'mesh axes, a non-positive length, a negative prefill chunk',
+                   'mesh axes, a non-positive length, a negative prefill chunk, a learning rate that is NaN, <= 0 or '
+                   'beyond float32, a negative weight decay, AdamW beta2 = 1, no checkpoints kept',
                    'ValueError naming the field, raised before anything compiles')
 def test_bad_config_is_named_before_compiling(data_dir, overrides, message, monkeypatch):
   compiled = []

@@ -8,20 +8,25 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from trainers.checkpoints import Checkpointer, CorruptCheckpointError, StateMismatchError
+from trainers.evaluator import evaluate_checkpoint, write_results
 from trainers.experiment import Experiment
 from trainers.logs import has_accelerator
-from trainers.run_config import WorkdirMismatchError, record_or_check
+from trainers.run_config import WorkdirMismatchError, config_for, record_or_check
 from trainers.run_history import EarlierRunError
 from trainers.train_loop import NonFiniteError, train
+from trainers import workdir_lock
 from tests.helpers import family_tiny_config, tiny_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +152,7 @@ def test_sigterm_saves_and_exits_cleanly(straight, tmp_path, data_dir):
   wait_until(lambda: max(logged_steps(tmp_path), default=0) >= 12, process)
   process.send_signal(signal.SIGTERM)
   assert process.wait(timeout=120) == 0
+  assert not (tmp_path / 'lock').exists()
   saved = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert saved == max(logged_steps(tmp_path)) and saved < TOTAL_STEPS
   process = start(tmp_path, data_dir)
@@ -210,6 +216,44 @@ def test_no_usable_checkpoint_refuses_to_start_over(straight, tmp_path, data_dir
   assert logged_steps(workdir) == [1, 2]
 
 
+def listing(workdir) -> list[str]:
+  return sorted(str(p.relative_to(workdir)) for p in workdir.rglob('*'))
+
+
+@pytest.mark.fault('sample and evaluate on a workdir whose checkpoints are all truncated, on one with no checkpoints/, '
+                   'and beside a running trainer (its lock held)',
+                   'one line naming the unusable checkpoints and train --restart (sample exits 1), or "train first"; '
+                   'nothing in the workdir is renamed, deleted or created except evaluate\'s eval files')
+def test_evaluate_and_sample_change_nothing_but_their_outputs(straight, tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight, workdir)
+  config = config_for(str(workdir), None, check_dataset=True)
+  with workdir_lock.hold(workdir):  # a trainer runs there
+    before = listing(workdir)
+    write_results(workdir, evaluate_checkpoint(config, str(workdir), num_batches=1))
+    assert sorted(set(listing(workdir)) - set(before)) == ['eval.json', f'eval_{TOTAL_STEPS}.json']
+  for f in (workdir / 'checkpoints').rglob('*'):
+    if f.is_file() and 'state' in f.parts:
+      f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+  before = listing(workdir)
+  sampled = subprocess.run([sys.executable, '-m', 'experiments.sample', f'--workdir={workdir}', '--max_new_tokens=2'],
+                           cwd=REPO, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                           timeout=120)
+  steps = [str(s) for s in range(TOTAL_STEPS, 0, -CHECKPOINT_EVERY)][:3]
+  assert sampled.returncode == 1
+  assert sampled.stderr.strip().splitlines()[-1].endswith(
+      f'no usable checkpoint in {workdir / "checkpoints"}: steps {", ".join(steps)} cannot be read (see the log); '
+      'left as they are. Train a new model there with `python -m experiments.train --restart`, or use another '
+      '--workdir.')
+  with pytest.raises(CorruptCheckpointError, match=r'steps .* cannot be read .* experiments\.train --restart'):
+    evaluate_checkpoint(config, str(workdir), num_batches=1)
+  assert listing(workdir) == before
+  shutil.rmtree(workdir / 'checkpoints')
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint under .*checkpoints; train first'):
+    evaluate_checkpoint(config, str(workdir), num_batches=1)
+  assert not (workdir / 'checkpoints').exists()
+
+
 @pytest.mark.fault('a workdir whose metrics.jsonl has records but no checkpoint (a run killed before its first save)',
                    'the new start moves that history to earlier_runs/1/ with a warning; never truncates it')
 def test_metrics_without_a_checkpoint_are_kept(tmp_path):
@@ -229,13 +273,42 @@ def test_nonfinite_stops_without_saving_or_is_skipped(tmp_path, data_dir):
                               'optimizer.clip_norm': 0.0})
   # Step 1's update is finite (if huge); step 2's loss is not. Orbax saves the first step, then every 4th.
   with pytest.raises(NonFiniteError, match=r'non-finite (loss|grad\S+) at step 2; stopping without saving '
-                                           r'\(the last good checkpoint is step 1\)'):
+                                           r'\(the last checkpoint verified finite is step 1\)'):
     train(config, str(tmp_path / 'stop'))
   assert sorted(int(p.name) for p in (tmp_path / 'stop' / 'checkpoints').iterdir() if p.name.isdigit()) == [1]
   config.on_nonfinite = 'skip'
   last = train(config, str(tmp_path / 'skip'))
   assert last['skipped_steps'] == 7  # every step after the first update is non-finite
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(final_state(tmp_path / 'skip', data_dir, config)[1]))
+
+
+@pytest.mark.fault('an update that turns the parameters NaN while loss and gradients stay finite (updates scaled by '
+                   "NaN), with config.on_nonfinite='skip'; a NaN checkpoint written by an older version",
+                   'NonFiniteError at the first save, which writes nothing ("the last checkpoint verified finite is '
+                   'none"); the NaN checkpoint is unusable on restore: set aside, never called good')
+def test_nonfinite_parameters_are_never_saved(tmp_path, data_dir, monkeypatch):
+  from trainers import checkpoints, experiment
+  make_optimizer = experiment.make_optimizer
+  monkeypatch.setattr(experiment, 'make_optimizer', lambda config: (
+      optax.chain(make_optimizer(config)[0], optax.scale(float('nan'))), make_optimizer(config)[1]))
+  config = tiny_experiment(data_dir, total_steps=4, log_every=1, checkpoint_every=2, eval_every=1000,
+                           on_nonfinite='skip')
+  with pytest.raises(NonFiniteError, match=r'parameters or optimizer state hold NaN/Inf at step 1; not saved \(the '
+                                           r'last checkpoint verified finite is none'):
+    train(config, str(tmp_path / 'run'))
+  assert not [p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir() if not p.name.startswith('.')]
+  exp = Experiment.build(config)
+  with exp.activate():
+    good = exp.new_state()
+  bad = good.replace(params=jax.tree.map(lambda x: x * np.nan, good.params))
+  older = Checkpointer(tmp_path / 'older' / 'checkpoints', keep=5)
+  older.save(2, good, {})
+  meta = dict(data={}, checksums=[int(c) for c in checkpoints.state_summary(bad)[0]],
+              structure=checkpoints.state_structure(bad))
+  older.manager.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(bad), meta=ocp.args.JsonSave(meta)))
+  older.close()
+  assert final_state(tmp_path / 'older', data_dir, config)[0] == 2
+  assert (tmp_path / 'older' / 'checkpoints' / '4.corrupt').is_dir()
 
 
 @pytest.mark.fault('restoring a checkpoint with a config whose optimizer state has another layout',
@@ -310,9 +383,75 @@ def test_cut_metrics_line_is_dropped_on_resume(tmp_path):
   assert [json.loads(line)['step'] for line in open(tmp_path / 'metrics.jsonl')] == [1, 2]
 
 
+@pytest.mark.fault('metrics.jsonl with a {"foo": 1} line and a non-JSON line amid its records; a config.json that '
+                   'is not JSON (train, evaluate, sample)',
+                   'the resumed run drops each bad line with a warning naming the file and the line; config.json: '
+                   'one line naming the file and what to do')
+def test_bad_metrics_lines_and_config_json_are_named(tmp_path, data_dir, caplog):
+  from trainers.metrics import MetricsWriter
+  writer = MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3):
+    writer.write(step, dict(loss=1.0 / step))
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines(keepends=True)
+  (tmp_path / 'metrics.jsonl').write_text(''.join([lines[0], '{"foo": 1}\n', lines[1], 'not json\n', lines[2]]))
+  writer.drop_records_after(3)
+  assert logged_steps(tmp_path) == [1, 2, 3]
+  for number, line in ((2, '{"foo": 1}'), (4, 'not json')):
+    assert f'{tmp_path / "metrics.jsonl"} line {number} is not a metrics record' in caplog.text
+    assert f'dropped: {line}' in caplog.text
+  (tmp_path / 'config.json').write_text('{"model": ')
+  message = rf'^{tmp_path / "config.json"} is not valid JSON: .*; it records the config .* use another --workdir$'
+  with pytest.raises(ValueError, match=message):
+    train(tiny_experiment(data_dir), str(tmp_path))
+  with pytest.raises(ValueError, match=message):
+    config_for(str(tmp_path), None, check_dataset=True)
+
+
+@pytest.mark.fault('sample --top_k=100000 with a vocabulary of 384',
+                   'exits 1 before loading the model, with one line naming the flag')
+def test_sample_top_k_over_the_vocabulary_is_named(tmp_path, data_dir):
+  record_or_check(tiny_experiment(data_dir, **{'model.vocab_size': 384}), str(tmp_path))
+  process = subprocess.run([sys.executable, '-m', 'experiments.sample', f'--workdir={tmp_path}', '--top_k=100000'],
+                           cwd=REPO, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert process.returncode == 1
+  assert process.stderr.strip().splitlines()[-1] == (
+      "ValueError: --top_k=100000: more than the model's 384 tokens (config.model.vocab_size); 0 samples among "
+      'all of them')
+
+
+@pytest.mark.fault('evaluate after files of the local corpus a run trained on were added and edited; then with that '
+                   "build deleted from data_dir",
+                   'evaluates the validation split of the build the run trained on (a warning says the files '
+                   'changed), builds nothing new; without that build it refuses, naming the build and the fix')
+def test_evaluate_after_the_corpus_changed_scores_the_build_trained_on(tmp_path, caplog):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  for i in range(12):
+    (corpus / f'doc{i}.txt').write_text(f'Document {i}: ' + ' '.join(f'word{(i * j) % 89}' for j in range(200)))
+  config = tiny_experiment(tmp_path / 'tfds', total_steps=2, log_every=1, eval_every=1000, eval_extrapolation=(),
+                           eval_tasks=(), **{'dataset.name': 'local_text', 'dataset.path': str(corpus),
+                                             'dataset.validation_fraction': 0.3})
+  train(config, str(tmp_path / 'run'))
+  builds = sorted(p.name for p in (tmp_path / 'tfds' / 'local_text').iterdir() if not p.name.startswith('.'))
+  for i in range(12, 24):
+    (corpus / f'doc{i}.txt').write_text(f'New document {i}: ' + ' '.join(f'word{j % 89}' for j in range(200)))
+  (corpus / 'doc0.txt').write_text('edited')
+  results = evaluate_checkpoint(config, str(tmp_path / 'run'), num_batches=1)
+  assert results['dataset']['build'].split('/')[1].split(':')[0] == builds[0]
+  assert results['dataset']['train']['documents'] + results['dataset']['validation']['documents'] == 12
+  assert 'changed since the run trained on them' in caplog.text
+  assert sorted(p.name for p in (tmp_path / 'tfds' / 'local_text').iterdir() if not p.name.startswith('.')) == builds
+  shutil.rmtree(tmp_path / 'tfds' / 'local_text' / builds[0])
+  with pytest.raises(ValueError, match=rf'the build {builds[0]} of {corpus} that the run trained on is no longer '
+                                       r'under .* --other_dataset'):
+    evaluate_checkpoint(config, str(tmp_path / 'run'), num_batches=1)
+
+
 @pytest.mark.fault('a text corpus with Latin-1, binary and empty files',
-                   'bytes are trained on as they are (byte tokens); nothing crashes; empty files are skipped')
-def test_non_utf8_and_binary_files_are_bytes(tmp_path):
+                   'bytes are trained on as they are (byte tokens); nothing crashes; empty files are skipped; the '
+                   'build warns how many documents are mostly not UTF-8 text, naming them')
+def test_non_utf8_and_binary_files_are_bytes(tmp_path, caplog):
   from trainers import data
   corpus = tmp_path / 'corpus'
   corpus.mkdir()
@@ -324,6 +463,7 @@ def test_non_utf8_and_binary_files_are_bytes(tmp_path):
                                                 'dataset.validation_fraction': 0.3})
   batch = next(data.make_train_iterator(config))
   assert batch['tokens'].shape == (8, 33) and batch['tokens'].max() <= 256
+  assert f'{corpus}: 1 of 3 documents are mostly not UTF-8 text (binary files?), e.g. binary.txt' in caplog.text
   assert set(np.unique(batch['tokens'])) - set(range(257)) == set()
 
 
@@ -347,6 +487,53 @@ def test_unavailable_dataset_says_how_to_get_it(tmp_path):
   config = tiny_experiment(tmp_path / 'tfds', **{'dataset.name': 'pg19'})
   with pytest.raises(data.DatasetNotPreparedError, match=r"pg19.*tfds build pg19"):
     data.make_train_iterator(config)
+
+
+def with_flags(base: list[str], **fields) -> list[str]:
+  """`base` with --config.<field>=<value> overrides replaced or added."""
+  return [arg for arg in base if not any(arg.startswith(f'--config.{f}=') for f in fields)] + [
+      f'--config.{field}={value}' for field, value in fields.items()]
+
+
+@pytest.mark.fault('a second trainer started on a workdir that a running trainer holds',
+                   'exits at once with one line naming the holder (host, pid, since when); writes nothing')
+def test_second_trainer_is_refused_naming_the_holder(tmp_path, data_dir):
+  with workdir_lock.hold(tmp_path):  # this process is the running trainer
+    holder = json.loads((tmp_path / 'lock').read_text())
+    second = subprocess.run(command(tmp_path, data_dir, 'packed'), cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
+    assert second.returncode != 0
+    assert second.stderr.strip().splitlines()[-1].endswith(
+        f'{tmp_path} is in use by another trainer (host {socket.gethostname()}, pid {os.getpid()}, since '
+        f'{holder["started"]}); wait for it to end, or if it no longer runs (on another host), pass --force_unlock '
+        f'(or remove {tmp_path / "lock"})')
+    assert [p.name for p in tmp_path.iterdir()] == ['lock']
+  assert not (tmp_path / 'lock').exists()
+
+
+@pytest.mark.fault('a lock left by a killed trainer (its pid no longer runs on this host); a lock of a trainer on '
+                   'another host; SIGTERM to a trainer before its step loop',
+                   "the dead trainer's lock is taken over with a warning naming it; another host's is refused "
+                   'naming host, pid and since when until --force_unlock; SIGTERM exits, releasing the lock')
+def test_stale_lock_is_taken_over_and_another_hosts_needs_force(tmp_path, data_dir, caplog):
+  dead = int(subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                            text=True, check=True).stdout)
+  lock = tmp_path / 'lock'
+  lock.write_text(json.dumps(dict(host=socket.gethostname(), pid=dead, started='2020-01-01T00:00:00+00:00')))
+  with workdir_lock.hold(tmp_path):
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+  assert f'no longer runs (host {socket.gethostname()}, pid {dead}, since 2020-01-01' in caplog.text
+  assert not lock.exists()
+  lock.write_text(json.dumps(dict(host='elsewhere', pid=4242, started='2020-01-01T00:00:00+00:00')))
+  refused = r'in use by another trainer \(host elsewhere, pid 4242, since 2020-01-01T00:00:00\+00:00\).* --force_unlock'
+  with pytest.raises(workdir_lock.WorkdirLockedError, match=refused):
+    train(tiny_experiment(data_dir), str(tmp_path))
+  assert [p.name for p in tmp_path.iterdir()] == ['lock']
+  with pytest.raises(SystemExit) as exit_info, workdir_lock.hold(tmp_path, force=True):
+    assert json.loads(lock.read_text())['pid'] == os.getpid()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler interrupts this
+  assert exit_info.value.code == 128 + signal.SIGTERM and not lock.exists()
 
 
 def test_reliability_doc_lists_every_fault(request):

@@ -9,14 +9,24 @@ the last `keep` are kept.
 
 Restoring walks back from the newest step: a checkpoint that fails to load
 (truncated, missing files) or whose arrays do not match their checksums
-(edited) is reported by step, renamed to `<step>.corrupt` and skipped. If
-checkpoints exist but none is usable, restoring raises rather than silently
-starting from scratch over existing work (and `set_aside()` lists them for the
-next start, which refuses too: trainers/run_history.py). A checkpoint that is
-intact but of another state layout (a changed model or optimizer config) is
-not corruption: it raises StateMismatchError and nothing is renamed.
+(edited) or that holds NaN/Inf is reported by step, renamed to `<step>.corrupt`
+and skipped. If checkpoints exist but none is usable, restoring raises rather
+than silently starting from scratch over existing work (and `set_aside()`
+lists them for the next start, which refuses too: trainers/run_history.py). A
+checkpoint that is intact but of another state layout (a changed model or
+optimizer config) is not corruption: it raises StateMismatchError and nothing
+is renamed.
+
+No checkpoint is written whose parameters or optimizer state are not finite:
+`save` checks them on the devices first (in the same jitted pass as the
+checksums) and raises NonFiniteError instead; `last_good` is the newest step
+this process saved or restored, verified finite either way.
+
+The directory is an etils.epath (local or gs://). `read_checkpoint` (evaluate,
+sample) reads through a read-only manager that never creates, renames or
+deletes anything, so it can run beside a training run; it reads the newest
+finished checkpoint (orbax ignores one still being written).
 """
-import os
 import re
 from typing import Any
 
@@ -24,7 +34,10 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
+
+from trainers import paths
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -35,6 +48,10 @@ class StateMismatchError(ValueError):
   """A checkpoint is intact but holds a state of another shape (the model or optimizer config changed)."""
 
 
+class NonFiniteError(FloatingPointError):
+  """The train state holds NaN/Inf (a loss, gradient, parameter or optimizer moment); it is never saved."""
+
+
 def state_structure(state: Any) -> list[list]:
   """[path, shape, dtype] of every leaf: what a checkpoint must match to be restored into `state`."""
   return [[jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
@@ -42,8 +59,9 @@ def state_structure(state: Any) -> list[list]:
 
 
 @jax.jit
-def state_checksums(state: Any) -> list[jax.Array]:
-  """One uint32 per leaf: the sum of its bits weighted by (2 * flat index + 1), mod 2^32."""
+def state_summary(state: Any) -> tuple[list[jax.Array], jax.Array]:
+  """One uint32 checksum per leaf (the sum of its bits weighted by (2 * flat index + 1), mod 2^32), and whether
+  every parameter and optimizer-state value is finite: one pass over the state on its devices."""
   def checksum(x):
     bits = (jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
             if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.uint32))
@@ -51,24 +69,32 @@ def state_checksums(state: Any) -> list[jax.Array]:
     for axis in range(1, x.ndim):
       weights = weights * x.shape[axis] + 2 * jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
     return jnp.sum(bits * (weights + 1), dtype=jnp.uint32)
-  return [checksum(x) for x in jax.tree.leaves(state)]
+  finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((state.params, state.opt_state))
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return [checksum(x) for x in jax.tree.leaves(state)], jnp.all(jnp.stack(finite))
 
 
-def _checksums(state: Any) -> list[int]:
-  return [int(c) for c in jax.device_get(state_checksums(state))]
+def _summary(state: Any) -> tuple[list[int], bool]:
+  checksums, finite = jax.device_get(state_summary(state))
+  return [int(c) for c in checksums], bool(finite)
 
 
 class Checkpointer:
+  """The train state's checkpoints in `directory` (an epath: local or gs://). `read_only` (evaluate, sample)
+  never creates, renames or deletes anything: an unusable checkpoint is only skipped."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every,
-            enable_async_checkpointing=async_save,
-            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-            create=True))
+  def __init__(self, directory: str | epath.Path, *, save_every: int = 1, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = paths.as_path(directory)
+    self.read_only = read_only
+    self.last_good: int | None = None  # the newest step this process saved or restored, verified finite
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          save_interval_steps=save_every, enable_async_checkpointing=async_save,
+          preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -78,21 +104,34 @@ class Checkpointer:
     return self.manager.should_save(step)
 
   def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
-    """Saves if `step` is on the save interval (or `force`); returns whether it saved."""
+    """Saves if `step` is on the save interval (or `force`); returns whether it saved. Raises NonFiniteError,
+    saving nothing, if a parameter or optimizer-state value is not finite."""
     if not (force or self.due(step)):
       return False
-    meta = dict(data=data_state, checksums=_checksums(state), structure=state_structure(state))
-    return self.manager.save(step, args=ocp.args.Composite(
+    checksums, finite = _summary(state)
+    if not finite:
+      raise NonFiniteError(
+          f'the parameters or optimizer state hold NaN/Inf at step {step}; not saved (the last checkpoint '
+          f'verified finite is {self.last_good_text()}). Lower config.optimizer.learning_rate or check the data.')
+    meta = dict(data=data_state, checksums=checksums, structure=state_structure(state))
+    saved = self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    if saved:
+      self.last_good = step
+    return saved
+
+  def last_good_text(self) -> str:
+    return 'none: no checkpoint of this run' if self.last_good is None else f'step {self.last_good}'
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores step onto the shardings of `abstract_state`.
 
     Raises StateMismatchError if the checkpoint holds a differently shaped
-    state, CorruptCheckpointError if it cannot be read or was altered.
+    state, CorruptCheckpointError if it cannot be read, was altered, or holds
+    non-finite values.
     """
-    step_dir = os.path.join(self.directory, str(step))
-    if os.path.isdir(os.path.join(step_dir, 'state')) and not os.path.isdir(os.path.join(step_dir, 'meta')):
+    step_dir = self.directory / str(step)
+    if (step_dir / 'state').is_dir() and not (step_dir / 'meta').is_dir():
       raise StateMismatchError(f'the checkpoint of step {step} in {self.directory} has no `meta` item: it was '
                                'written by an older version of this code, which cannot resume it')
     try:
@@ -112,24 +151,39 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state)))['state']
     except Exception as error:  # noqa: BLE001
       raise CorruptCheckpointError(f'its arrays cannot be read: {type(error).__name__}: {error}') from error
-    paths = [path for path, _, _ in expected]
-    bad = [path for path, got, want in zip(paths, _checksums(state), meta['checksums']) if got != want]
+    checksums, finite = _summary(state)
+    names = [name for name, _, _ in expected]
+    bad = [name for name, got, want in zip(names, checksums, meta['checksums']) if got != want]
     if bad:
       raise CorruptCheckpointError(f'arrays do not match their checksums: {bad[:5]}')
+    if not finite:
+      raise CorruptCheckpointError('its parameters or optimizer state hold NaN/Inf')
+    self.last_good = step if self.last_good is None else max(self.last_good, step)
     return state, meta['data']
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
     """(step, state, data position) of the newest usable checkpoint; None if there is no checkpoint."""
-    failures = []
+    failures, failed_steps = [], []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         state, data_state = self.restore(step, abstract_state)
       except CorruptCheckpointError as error:
+        if self.read_only and not (self.directory / str(step)).exists():
+          logging.info('checkpoint of step %d in %s was deleted while being read (a trainer keeps the last ones); '
+                       'trying the one before', step, self.directory)
+          continue
         failures.append(f'step {step}: {type(error).__name__}: {error}'[:500])
-        logging.error('checkpoint of step %d in %s is unusable (%s); set aside as %s and trying the one before',
-                      step, self.directory, failures[-1], self._quarantine(step))
+        failed_steps.append(str(step))
+        logging.error('checkpoint of step %d in %s is unusable (%s); %s and trying the one before', step,
+                      self.directory, failures[-1],
+                      'skipped' if self.read_only else f'set aside as {self._quarantine(step)}')
         continue
       return step, state, data_state
+    if failures and self.read_only:
+      raise CorruptCheckpointError(
+          f'no usable checkpoint in {self.directory}: steps {", ".join(failed_steps)} '
+          'cannot be read (see the log); left as they are. Train a new model there with '
+          '`python -m experiments.train --restart`, or use another --workdir.')
     if failures:
       raise CorruptCheckpointError(
           f'no usable checkpoint in {self.directory}; refusing to start from scratch over existing work. '
@@ -139,18 +193,20 @@ class Checkpointer:
 
   def set_aside(self) -> list[str]:
     """The step folders that restores set aside as corrupt (`<step>.corrupt`, `<step>.corrupt2`, ...)."""
-    return sorted(n for n in os.listdir(self.directory) if re.fullmatch(r'\d+\.corrupt\d*', n))
+    if not self.directory.is_dir():
+      return []
+    return sorted(p.name for p in self.directory.iterdir() if re.fullmatch(r'\d+\.corrupt\d*', p.name))
 
-  def _quarantine(self, step: int) -> str:
+  def _quarantine(self, step: int) -> epath.Path:
     """Renames a bad step folder out of orbax's view (keeping it for inspection)."""
-    source = os.path.join(self.directory, str(step))
-    target = f'{source}.corrupt'
+    source = self.directory / str(step)
+    target = self.directory / f'{step}.corrupt'
     suffix = 1
-    while os.path.exists(target):
+    while target.exists():
       suffix += 1
-      target = f'{source}.corrupt{suffix}'
+      target = self.directory / f'{step}.corrupt{suffix}'
     if jax.process_index() == 0:
-      os.rename(source, target)
+      source.rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'quarantined checkpoint {step}')
     self.manager.reload()
@@ -159,3 +215,31 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def read_checkpoint(workdir: str | epath.Path, abstract_state: Any,
+                    step: int | None = None) -> tuple[int, Any, dict]:
+  """(step, state, data position) of checkpoint `step` of `workdir` (default: the newest usable one) for evaluate
+  and sample:
+  nothing in the workdir is created, renamed or deleted, so it is safe beside a running trainer. Raises
+  FileNotFoundError if there is no such checkpoint, CorruptCheckpointError if none is usable."""
+  directory = paths.as_path(workdir) / 'checkpoints'
+  checkpointer = Checkpointer(directory, read_only=True) if directory.is_dir() else None
+  steps = [] if checkpointer is None else list(checkpointer.manager.all_steps())
+  try:
+    if step is None and steps:
+      restored = checkpointer.restore_latest(abstract_state)
+      if restored is not None:
+        return restored
+    if step is not None and step in steps:
+      return step, *checkpointer.restore(step, abstract_state)
+    set_aside = checkpointer.set_aside() if checkpointer else []
+    if step is None and set_aside:
+      raise CorruptCheckpointError(
+          f'no usable checkpoint in {directory}: {", ".join(set_aside)} were set aside as corrupt by an earlier '
+          'start. Train a new model there with `python -m experiments.train --restart`, or use another --workdir.')
+    raise FileNotFoundError(f'no checkpoint {"" if step is None else f"of step {step} "}under {directory}'
+                            f'{f" (it has steps {steps})" if steps else ""}; train first')
+  finally:
+    if checkpointer is not None:
+      checkpointer.close()

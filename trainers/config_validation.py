@@ -5,7 +5,10 @@ Every error names the config field at fault (e.g. `config.model.num_heads`,
 compile. `unknown_field` names an override of a field the config does not
 have (the binaries' flag parser reports it in one line).
 """
+import math
+
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 import architectures
@@ -13,6 +16,7 @@ from layers import sharding
 from trainers import data, partitioning
 from trainers.tokenizer import ByteTokenizer
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 REQUIRED_FIELDS = ('model', 'dataset', 'seq_len', 'batch_size', 'total_steps', 'seed', 'optimizer',
                    'mesh', 'sharding_rules', 'checkpoint_every', 'log_every', 'eval_every')
 
@@ -20,6 +24,32 @@ REQUIRED_FIELDS = ('model', 'dataset', 'seq_len', 'batch_size', 'total_steps', '
 def _positive(config: ConfigDict, field: str) -> None:
   if config[field] <= 0:
     raise ValueError(f'config.{field}={config[field]!r}: must be positive')
+
+
+def _in_range(config: ConfigDict, field: str, low: float, high: float, *, low_open: bool = False,
+              high_open: bool = False) -> None:
+  """Refuses config.<field> (dotted) outside [low, high] (an open end excluded), NaN, or beyond float32's range."""
+  value = config
+  for key in field.split('.'):
+    value = value[key]
+  if abs(value) > _FLOAT32_MAX:
+    raise ValueError(f'config.{field}={value!r}: beyond float32 (at most {_FLOAT32_MAX:.3g})')
+  if not ((value > low if low_open else value >= low) and (value < high if high_open else value <= high)):  # NaN too
+    interval = f'{"(" if low_open else "["}{low:g}, {high:g}{")" if high_open or high == math.inf else "]"}'
+    raise ValueError(f'config.{field}={value!r}: must be a number in {interval}')
+
+
+def _optimizer(config: ConfigDict) -> None:
+  """Optimizer values no run can use: a learning rate that is not positive, NaN or beyond float32, a negative
+  weight decay, AdamW betas outside [0, 1), eps <= 0, a negative clipping norm or warmup (warmup > steps is fine)."""
+  _in_range(config, 'optimizer.learning_rate', 0, math.inf, low_open=True)
+  _in_range(config, 'optimizer.weight_decay', 0, math.inf)
+  _in_range(config, 'optimizer.b1', 0, 1, high_open=True)
+  _in_range(config, 'optimizer.b2', 0, 1, high_open=True)
+  _in_range(config, 'optimizer.eps', 0, math.inf, low_open=True)
+  _in_range(config, 'optimizer.clip_norm', 0, math.inf)  # 0: no clipping
+  _in_range(config, 'optimizer.end_lr_fraction', 0, 1)
+  _in_range(config, 'optimizer.warmup_steps', 0, math.inf)
 
 
 def unknown_field(config: ConfigDict, dotted: str) -> str | None:
@@ -56,6 +86,10 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> architecture
                      f'{ByteTokenizer.vocab_size}')
   for field in ('seq_len', 'batch_size', 'total_steps', 'checkpoint_every', 'log_every', 'eval_every'):
     _positive(config, field)
+  for field in ('keep_checkpoints', 'eval_batches'):
+    if config.get(field) is not None:
+      _positive(config, field)
+  _optimizer(config)
   if config.get('on_nonfinite', 'stop') not in ('stop', 'skip'):
     raise ValueError(f"config.on_nonfinite={config.on_nonfinite!r}: must be 'stop' or 'skip'")
   if config.get('prefill_chunk', 0) < 0:

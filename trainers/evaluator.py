@@ -17,17 +17,17 @@ points eval.json at the newest step only.
 """
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 
 import jax
 from absl import logging
+from etils import epath
 from flax import nnx
 from ml_collections import ConfigDict
 
-from trainers import data, steps
-from trainers.checkpoints import Checkpointer
+from trainers import data, paths, steps
+from trainers.checkpoints import read_checkpoint
 from trainers.experiment import Experiment
 
 PROGRESS_SECONDS = 10.0
@@ -126,15 +126,9 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, *, step: int | None = 
                         split: str = 'validation', num_batches: int | None = None, progress: bool = False) -> dict:
   """Restores a checkpoint of `workdir` (the latest by default) and evaluates it; `progress` logs as it goes."""
   exp = Experiment.build(config)
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=1, keep=1 << 30)
   with exp.activate():
-    if step is None:
-      restored = checkpointer.restore_latest(exp.restore_target())
-      if restored is None:
-        raise FileNotFoundError(f'no checkpoint under {workdir}/checkpoints to evaluate; train first')
-      step, state, _ = restored
-    else:
-      state, _ = checkpointer.restore(step, exp.restore_target())
+    step, state, data_state = read_checkpoint(workdir, exp.restore_target(), step)
+    config = data.pin_build(config, data_state)  # the corpus build it trained on, if the files changed since
     dataset = data.describe(config)
     if progress:
       logging.info('evaluating the checkpoint of step %d on the %s split of %s', step, split, data.summarize(dataset))
@@ -149,29 +143,26 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str, *, step: int | None = 
                          progress=label(f'{factor}x longer rows ({factor * config.seq_len} tokens)'))
       extrapolation[f'{factor}x'] = dict(seq_len=factor * config.seq_len, **longer(state.params))
     tasks = task_scores(config, exp, state.params, progress=progress, eval_step=evaluator.eval_step)
-  checkpointer.close()
   return dict(step=step, split=split, seq_len=config.seq_len, dataset=dataset, **results,
               extrapolation=extrapolation, tasks=tasks, unigram_entropy_bits=data.corpus_unigram_entropy_bits(config))
 
 
-def write_results(workdir: str, results: dict) -> list[str]:
+def write_results(workdir: str | epath.Path, results: dict) -> list[str]:
   """Writes `eval_<step>.json` (`eval_<split>_<step>.json` off the validation split), and `eval.json` too unless
   that holds a newer step: an older checkpoint's evaluation never replaces a newer one. Returns the paths."""
+  workdir = paths.as_path(workdir)
   split, step = results['split'], results['step']
-  paths = [os.path.join(workdir, f'eval_{step}.json' if split == 'validation' else f'eval_{split}_{step}.json')]
-  latest = os.path.join(workdir, 'eval.json')
+  written = [workdir / (f'eval_{step}.json' if split == 'validation' else f'eval_{split}_{step}.json')]
+  latest = workdir / 'eval.json'
   try:
-    with open(latest) as f:
-      latest_step = json.load(f).get('step', -1)
+    latest_step = json.loads(latest.read_text()).get('step', -1)
   except (OSError, ValueError, AttributeError):  # none yet, or unreadable
     latest_step = -1
   if split == 'validation' and step >= latest_step:
-    paths.append(latest)
+    written.append(latest)
   elif split == 'validation':
     logging.warning('%s holds the evaluation of a newer step (%d): kept; this one (step %d) is in %s',
-                    latest, latest_step, step, paths[0])
-  for path in paths:
-    with open(path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=2)
-    os.replace(path + '.tmp', path)
-  return paths
+                    latest, latest_step, step, written[0])
+  for path in written:
+    paths.write_text_atomically(path, json.dumps(results, indent=2))
+  return [str(path) for path in written]

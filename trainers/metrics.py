@@ -10,11 +10,13 @@ skipped), so on them this MFU overstates; the log line says "MFU (MaxText-style)
 `experiments/benchmark.py` also reports the MFU of the work done.
 """
 import json
-import os
 import time
 
 import jax
 from absl import logging
+from etils import epath
+
+from trainers import paths
 
 # Peak dense bf16 FLOP/s per device, by a substring of `device.device_kind`.
 PEAK_BF16_FLOPS = {
@@ -31,44 +33,56 @@ def peak_flops(device: jax.Device) -> float | None:
 
 
 class MetricsWriter:
-  """Appends records to metrics.jsonl (process 0 only)."""
+  """Appends records to metrics.jsonl (process 0 only). Where the workdir cannot append (an object store:
+  gs://), each write replaces the file with all records so far."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str | epath.Path, *, enabled: bool = True):
+    workdir = paths.as_path(workdir)
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = workdir / 'metrics.jsonl'
     self.tensorboard = None
+    self._lines: list[str] | None = None  # where the file cannot be appended to: its lines, kept to rewrite it
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    if not paths.is_local(workdir):
+      self._lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
       import tensorboardX  # optional: pip install -e '.[tensorboard]'
-      self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.tensorboard = tensorboardX.SummaryWriter(str(workdir / 'tensorboard'))
     except ImportError:
       pass
 
   def drop_records_after(self, step: int) -> None:
-    """On resume: records past the restored step are rewritten by the resumed run."""
-    if not self.enabled or not os.path.exists(self.path):
+    """On resume: records past the restored step are rewritten by the resumed run. A line that is not a record
+    (not JSON, or no integer `step`) is dropped with a warning naming it, unless it is the last one, cut by a kill."""
+    if not self.enabled or not self.path.exists():
       return
+    text = self.path.read_text()
     kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:  # the last line, cut by a kill mid-write
-          continue
-        if record['step'] <= step:
-          kept.append(json.dumps(record) + '\n')
-    with open(self.path + '.tmp', 'w') as f:  # replaced atomically: a kill now loses nothing
-      f.writelines(kept)
-    os.replace(self.path + '.tmp', self.path)
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+      record = _record(line)
+      if record is None:
+        if line.endswith('\n'):  # a whole line, not the last one cut mid-write
+          logging.warning('%s line %d is not a metrics record (JSON with an integer "step"): dropped: %.80s',
+                          self.path, number, line.strip())
+      elif record['step'] <= step:
+        kept.append(json.dumps(record) + '\n')
+    paths.write_text_atomically(self.path, ''.join(kept))  # a kill now loses nothing
+    if self._lines is not None:
+      self._lines = kept
 
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: float(v) for k, v in values.items() if v is not None}}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    line = json.dumps(record) + '\n'
+    if self._lines is None:
+      with self.path.open('a') as f:
+        f.write(line)
+    else:
+      self._lines.append(line)
+      paths.write_text_atomically(self.path, ''.join(self._lines))
     if self.tensorboard is not None:
       for key, value in record.items():
         if key != 'step':
@@ -105,6 +119,15 @@ class Throughput:
     tokens_per_s = steps * self.tokens_per_step / seconds
     mfu = None if self.peak is None else tokens_per_s * self.train_flops_per_token / self.peak
     return dict(tokens_per_s=tokens_per_s, mfu=mfu, eta_s=(self.total_steps - step) * seconds / max(steps, 1))
+
+
+def _record(line: str) -> dict | None:
+  """The metrics record of a metrics.jsonl line, or None if it is not one."""
+  try:
+    record = json.loads(line)
+  except ValueError:
+    return None
+  return record if isinstance(record, dict) and type(record.get('step')) is int else None
 
 
 def log_progress(step: int, total_steps: int, values: dict) -> None:

@@ -14,9 +14,11 @@ import os
 from typing import Any
 
 import jax
+from etils import epath
 from ml_collections import ConfigDict
 
 import architectures
+from trainers import paths
 
 FILENAME = 'config.json'
 DATASET_RUNTIME_FIELDS = ('data_dir', 'num_threads', 'prefetch')  # where and how fast the data is read, not which
@@ -26,28 +28,35 @@ class WorkdirMismatchError(ValueError):
   """The workdir holds a run of a different model (or, for evaluate, data)."""
 
 
-def recorded(workdir: str) -> ConfigDict | None:
+def recorded(workdir: str | epath.Path) -> ConfigDict | None:
   """The config the workdir's run was started with (lists read back as tuples), or None."""
-  path = os.path.join(workdir, FILENAME)
-  if not os.path.exists(path):
+  path = paths.as_path(workdir) / FILENAME
+  if not path.exists():
     return None
-  with open(path) as f:
-    return ConfigDict(_tuples(json.load(f)))
+  try:
+    values = json.loads(path.read_text())
+    problem = None if isinstance(values, dict) else f'a JSON {type(values).__name__}, not an object'
+  except ValueError as error:
+    problem = f'not valid JSON: {error}'
+  if problem:
+    raise ValueError(f'{path} is {problem}; it records the config of the run in this workdir: restore it (an '
+                     'earlier copy may be under earlier_runs/), or use another --workdir')
+  return ConfigDict(_tuples(values))
 
 
-def record_or_check(config: ConfigDict, workdir: str) -> None:
+def record_or_check(config: ConfigDict, workdir: str | epath.Path) -> None:
   """Writes config.json on the first start; later, refuses a config.model that differs from it."""
   old = recorded(workdir)
   if old is not None:
     _check(old, config, workdir, ('model',), 'Use a new --workdir, or the recorded config.')
     return
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+    workdir = paths.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     values = config.to_dict()
     if values.get('dataset', {}).get('path'):
       values['dataset']['path'] = _absolute(values['dataset']['path'])
-    with open(os.path.join(workdir, FILENAME), 'w') as f:
-      f.write(ConfigDict(values).to_json_best_effort(indent=2, sort_keys=True))
+    paths.write_text_atomically(workdir / FILENAME, ConfigDict(values).to_json_best_effort(indent=2, sort_keys=True))
 
 
 def config_for(workdir: str, given: ConfigDict | None, *, check_dataset: bool, data_flag: str = '') -> ConfigDict:
@@ -57,7 +66,7 @@ def config_for(workdir: str, given: ConfigDict | None, *, check_dataset: bool, d
   old = recorded(workdir)
   if given is None:
     if old is None:
-      raise FileNotFoundError(f'{os.path.join(workdir, FILENAME)} does not exist (no run was started in '
+      raise FileNotFoundError(f'{paths.as_path(workdir) / FILENAME} does not exist (no run was started in '
                               f'{workdir}, or an old version started it); pass --config')
     return old
   if old is not None:
@@ -73,7 +82,7 @@ def _check(old: ConfigDict, new: ConfigDict, workdir: str, groups: tuple[str, ..
   if old_family != new_family:
     raise WorkdirMismatchError(
         f'{workdir} holds a run of model family {old_family!r}, not {new_family!r}; refusing to use it with '
-        f'this config.\n{advice} (It is {os.path.join(workdir, FILENAME)}.)')
+        f'this config.\n{advice} (It is {paths.as_path(workdir) / FILENAME}.)')
   ignored = {'model': set(architectures.get_family(new_family).Config.runtime_fields),
              'dataset': set(DATASET_RUNTIME_FIELDS)}
   differences = []

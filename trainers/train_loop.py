@@ -1,21 +1,24 @@
 """The training loop shared by every family.
 
-validate config -> mesh -> sharded train state (fresh, or restored with the
-data position from the last checkpoint) -> jitted, donated train step over
-the data -> metrics, evaluation and checkpoints on their intervals. SIGTERM
-(preemption) finishes the current step, writes a checkpoint and returns.
+validate config -> workdir lock -> mesh -> sharded train state (fresh, or
+restored with the data position from the last checkpoint) -> jitted, donated
+train step over the data -> metrics, evaluation and checkpoints on their
+intervals. SIGTERM (preemption) finishes the current step, writes a checkpoint
+and returns. The workdir is an etils.epath (local or gs://), held by one
+trainer at a time (trainers/workdir_lock.py).
 """
-import os
 import signal
 import threading
+import time
 
 import jax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from trainers import data, run_config, run_history, steps, train_state
-from trainers.checkpoints import Checkpointer
+from trainers import data, paths, run_config, run_history, steps, train_state, workdir_lock
+from trainers.checkpoints import Checkpointer, NonFiniteError
 from trainers.evaluator import Evaluator
 from trainers.experiment import Experiment
 from trainers.jitted_step import TrainStep
@@ -50,11 +53,8 @@ class _Preemption:
     return self.requested.is_set()
 
 
-class NonFiniteError(FloatingPointError):
-  """A loss or gradient was NaN/Inf and config.on_nonfinite is 'stop'."""
-
-
-def _restore_or_init(exp: Experiment, checkpointer: Checkpointer, iterator, workdir: str) -> train_state.TrainState:
+def _restore_or_init(exp: Experiment, checkpointer: Checkpointer, iterator,
+                     workdir: epath.Path) -> train_state.TrainState:
   """The last usable checkpoint's state (and data position), or a new model if there is none (and no earlier
   run's history would be started over; see run_history.before_fresh_start)."""
   restored = checkpointer.restore_latest(exp.restore_target())
@@ -73,11 +73,12 @@ def _check_finite(state: train_state.TrainState, leaf_names: list[str], checkpoi
   step, leaf = (int(x) for x in jax.device_get(state.first_nonfinite))
   if step >= 0:
     raise NonFiniteError(
-        f'non-finite {leaf_names[leaf]} at step {step + 1}; stopping without saving (the last good checkpoint is '
-        f'step {checkpointer.latest_step()}). Set config.on_nonfinite="skip" to drop such steps instead.')
+        f'non-finite {leaf_names[leaf]} at step {step + 1}; stopping without saving (the last checkpoint verified '
+        f'finite is {checkpointer.last_good_text()}). Set config.on_nonfinite="skip" to drop such steps instead.')
 
 
-def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None, restart: bool = False) -> dict:
+def train(config: ConfigDict, workdir: str | epath.Path, *, stop_at: int | None = None, restart: bool = False,
+          force_unlock: bool = False) -> dict:
   """Trains `config` in `workdir`, resuming from its last checkpoint; returns the last logged metrics.
 
   `stop_at` ends this call early at that step with a checkpoint (the schedule
@@ -85,22 +86,27 @@ def train(config: ConfigDict, workdir: str, *, stop_at: int | None = None, resta
   `restart` starts a new run, moving the workdir's earlier run (if any) to
   `earlier_runs/<k>/` (see trainers/run_history.py). A workdir this call
   created is removed again if it fails before writing a checkpoint or a metric.
+  Raises WorkdirLockedError if another trainer holds the workdir (`force_unlock`
+  takes its lock over: for a holder on another host that is known to be gone).
   """
-  created = not os.path.exists(workdir)
-  try:
-    return _train(config, workdir, stop_at, restart)
-  except BaseException:
-    if created:
-      run_history.remove_if_unused(workdir)
-    raise
+  exp = Experiment.build(config)  # a wrong config fails before the workdir is touched
+  workdir = paths.as_path(workdir)
+  created = not workdir.exists()
+  with workdir_lock.hold(workdir, force=force_unlock):
+    try:
+      return _train(exp, workdir, stop_at, restart)
+    except BaseException:
+      if created:
+        run_history.remove_if_unused(workdir)
+      raise
 
 
-def _train(config: ConfigDict, workdir: str, stop_at: int | None, restart: bool) -> dict:
-  exp = Experiment.build(config)
+def _train(exp: Experiment, workdir: epath.Path, stop_at: int | None, restart: bool) -> dict:
+  config = exp.config
   if restart:
     run_history.set_aside_earlier_run(workdir)
   run_config.record_or_check(config, workdir)
-  checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), save_every=config.checkpoint_every,
+  checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.checkpoint_every,
                               keep=config.get('keep_checkpoints', 3))
   iterator = writer = None
   try:
@@ -122,7 +128,7 @@ class _Loop:
   """The step loop: train, log, evaluate, check, checkpoint; one instance per `train` call."""
 
   def __init__(self, config: ConfigDict, exp: Experiment, checkpointer: Checkpointer, iterator,
-               writer: MetricsWriter, workdir: str):
+               writer: MetricsWriter, workdir: epath.Path):
     self.config, self.exp, self.checkpointer, self.iterator, self.writer = config, exp, checkpointer, iterator, writer
     self.workdir = workdir
     self.is_lead = jax.process_index() == 0
@@ -170,7 +176,7 @@ class _Loop:
   def _step(self, leaves: list[jax.Array], step: int):
     profiling = step in self.profile_steps
     if profiling:
-      jax.profiler.start_trace(os.path.join(self.workdir, 'profile'))
+      jax.profiler.start_trace(str(self.workdir / 'profile'))
     leaves, metrics = self.train_step(leaves, self.exp.device_batch(next(self.iterator)))
     if profiling:
       jax.block_until_ready(leaves)

@@ -11,7 +11,9 @@ Both write array_record files (no TensorFlow needed) with the features
 the splits `train` / `validation`. Files with the same bytes are one document:
 each content is stored once, under its first path in sorted order, so no
 document is in both splits (the build logs how many files it dropped and
-records it in the dataset's metadata, `duplicate_files_dropped`). The split of
+records it in the dataset's metadata, `duplicate_files_dropped`). Documents
+that are mostly not UTF-8 text (binary files named .txt) are trained on as the
+bytes they are; the build warns how many (metadata `not_text_files`). The split of
 a document is chosen by a stable hash of that path. Examples are stored in
 sorted path order (`disable_shuffling`).
 
@@ -101,6 +103,16 @@ def unique_contents(root: str | os.PathLike, relpaths: list[str]) -> tuple[list[
     else:
       first[digest] = rel
   return list(first.values()), dropped
+
+
+_CONTROL_BYTES = bytes(b for b in range(32) if chr(b) not in '\t\n\r\f\v') + b'\x7f'
+
+
+def mostly_not_text(data: bytes) -> bool:
+  """Whether at least half of `data` is invalid UTF-8 or control bytes (a binary file, or UTF-16)."""
+  invalid = data.decode('utf-8', errors='replace').count('\ufffd')
+  control = len(data) - len(data.translate(None, _CONTROL_BYTES))
+  return 2 * (invalid + control) >= len(data) > 0
 
 
 def _unit_hash(relpath: str) -> float:
@@ -228,7 +240,12 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if dropped:
       logging.info('%s: %d of %d files have the same bytes as another file; each content is stored once '
                    '(dropped, e.g.: %s)', cfg.name, len(dropped), len(files), ', '.join(dropped[:5]))
-    self.info.metadata.update(files=len(files), duplicate_files_dropped=len(dropped))
+    not_text = [rel for rel in kept if mostly_not_text((pathlib.Path(cfg.root) / rel).read_bytes())]
+    if not_text:
+      logging.warning('%s: %d of %d documents are mostly not UTF-8 text (binary files?), e.g. %s; they are '
+                      'trained on as the bytes they are (narrow config.dataset.patterns to leave them out)',
+                      cfg.root, len(not_text), len(kept), ', '.join(not_text[:5]))
+    self.info.metadata.update(files=len(files), duplicate_files_dropped=len(dropped), not_text_files=len(not_text))
     splits = assign_splits(kept, cfg.validation_fraction)
     return {name: self._generate_examples(paths) for name, paths in splits.items()}
 
@@ -278,17 +295,35 @@ class _DropCustomConfigWarning(logging.Filter):
     return not str(record.msg).startswith('Using custom data configuration')
 
 
+def same_files(build: str, other: str) -> bool:
+  """Whether two build names are snapshots of the same files (root, patterns, validation fraction)."""
+  head, _, tail = build.rsplit('_', 2)
+  other_head, _, other_tail = other.rsplit('_', 2)
+  return (head, tail) == (other_head, other_tail)
+
+
 def builder_for(name: str, *, data_dir: str = '', path: str = '',
                 patterns=DEFAULT_PATTERNS,
-                validation_fraction=DEFAULT_VALIDATION_FRACTION) -> LocalText:
-  """The (not necessarily prepared) builder for 'python_stdlib' or 'local_text'."""
+                validation_fraction=DEFAULT_VALIDATION_FRACTION, build: str = '') -> LocalText:
+  """The (not necessarily prepared) builder for 'python_stdlib' or 'local_text': of the files as they are now,
+  or the earlier snapshot `build` of the same files, which must still be prepared under data_dir."""
   if name == 'python_stdlib':
     cls, config = PythonStdlib, stdlib_config(validation_fraction)
   elif name == 'local_text':
     cls, config = LocalText, directory_config(path, patterns, validation_fraction)
   else:
     raise ValueError(f'{name!r} is not a local corpus (python_stdlib, local_text).')
-  return _construct(cls, config, data_dir)
+  if not build or build == config.name:
+    return _construct(cls, config, data_dir)
+  current = config.name
+  builder = _construct(cls, dataclasses.replace(config, name=build, manifest=build.rsplit('_', 2)[1]), data_dir)
+  if not builder.is_prepared():
+    raise ValueError(
+        f'the build {build} of {config.root} that the run trained on is no longer under {builder.data_dir_root}, '
+        f'and the files changed since (now {current}): a split of the current files may hold documents the run '
+        'trained on. Put that build back, or evaluate on data it never saw (--config with another '
+        'config.dataset, and --other_dataset).')
+  return builder
 
 
 def _construct(cls, config: LocalTextConfig, data_dir) -> LocalText:

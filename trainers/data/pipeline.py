@@ -18,12 +18,15 @@ the next global row (plus what identifies the stream), a small JSON dict; a
 restored iterator continues exactly there, also with a different process
 count.
 """
+import logging
 import math
 from typing import Iterator
 
 import grain
+import ml_collections
 import numpy as np
 
+from trainers.data import local_text
 from trainers.data import packing
 from trainers.data import sources
 from trainers.data import streaming
@@ -220,6 +223,23 @@ def corpus_unigram_entropy_bits(config, split: str = 'train') -> float | None:
   return stats_lib.split_stats(sources.open_split(config.dataset, split)).unigram_entropy_bits()
 
 
+def pin_build(config, data_state: dict):
+  """`config` reading the local corpus build that a checkpoint's data position (`data_state`) was read from,
+  where the corpus's files changed since: evaluate then scores the validation split the run held out, never a
+  split of the current files, which may hold documents it trained on. Any other config comes back unchanged."""
+  if config.dataset.name not in sources.LOCAL_CORPORA:
+    return config
+  trained = data_state['dataset'].split('/')[1].split(':')[0]  # '<name>/<build>:<version>/<split>[/stream]'
+  current = sources.local_builder(config.dataset).builder_config
+  if trained == current.name or not local_text.same_files(trained, current.name):
+    return config
+  logging.warning('the files under %s changed since the run trained on them (build %s, now %s): evaluating the '
+                  'build it trained on', current.root, trained, current.name)
+  pinned = ml_collections.ConfigDict(config.to_dict())
+  pinned.dataset.build = trained
+  return pinned
+
+
 def describe(config) -> dict:
   """The dataset of `config` as a run reads it (see the module docstring); JSON-serialisable."""
   name = config.dataset.name
@@ -242,6 +262,8 @@ def summarize(description: dict) -> str:
                   for split in ('train', 'validation'))
   if 'files' in description:
     text += f"; {description['duplicate_files_dropped']:,} of {description['files']:,} files dropped as copies"
+  if description.get('not_text_files'):
+    text += f"; {description['not_text_files']:,} documents mostly not UTF-8 text"
   overlap = description['overlap']
   if 'skipped' in overlap:
     return text + f"; overlap not measured: {overlap['skipped']}"

@@ -1,7 +1,9 @@
 """Opens one split of the configured corpus as random-access documents (bytes).
 
 `config.dataset.name` picks the corpus:
-* 'python_stdlib' / 'local_text': built on first use by `local_text.py`;
+* 'python_stdlib' / 'local_text': built on first use by `local_text.py`
+  (`config.dataset.build`, which only evaluate sets, via `pipeline.pin_build`:
+  an earlier snapshot of the same files, read instead of the current files);
 * anything else: a tfds catalog name (pg19, lm1b, wiki40b/en, or
   'local_text/<config>' of an earlier build) that must already be prepared in
   array_record format under `config.dataset.data_dir`; it is read with
@@ -80,19 +82,24 @@ def _open_catalog(name: str, split: str, data_dir: str, text_feature: str) -> Te
                     cache_dir=os.fspath(builder.data_path))
 
 
+def local_builder(dataset_config) -> local_text.LocalText:
+  """The (not necessarily prepared) builder of a local corpus: of its files as they are now, or of
+  `config.dataset.build` where set."""
+  return local_text.builder_for(
+      dataset_config.name,
+      data_dir=_get(dataset_config, 'data_dir', '') or '',
+      path=_get(dataset_config, 'path', ''),
+      patterns=tuple(_get(dataset_config, 'patterns', local_text.DEFAULT_PATTERNS)),
+      validation_fraction=_get(dataset_config, 'validation_fraction', local_text.DEFAULT_VALIDATION_FRACTION),
+      build=_get(dataset_config, 'build', ''))
+
+
 def open_split(dataset_config, split: str) -> TextSource:
   """Opens `split` of the corpus named by `config.dataset` (building local corpora on first use)."""
   name = dataset_config.name
   data_dir = _get(dataset_config, 'data_dir', '') or ''
   if name in LOCAL_CORPORA:
-    builder = local_text.builder_for(
-        name,
-        data_dir=data_dir,
-        path=_get(dataset_config, 'path', ''),
-        patterns=tuple(_get(dataset_config, 'patterns', local_text.DEFAULT_PATTERNS)),
-        validation_fraction=_get(dataset_config, 'validation_fraction',
-                                 local_text.DEFAULT_VALIDATION_FRACTION))
-    builder = local_text.prepare(builder)
+    builder = local_text.prepare(local_builder(dataset_config))
     return TextSource(
         builder.as_data_source(split=split), 'text',
         identity=f'{builder.name}/{builder.builder_config.name}:{builder.version}/{split}',
