@@ -1,12 +1,14 @@
 """The training loop end to end on the embedded corpus: loss falls, a stopped
 run resumes bitwise (same data, same parameters), gradient accumulation equals
 one big batch, the step on the state's flat leaves equals the step on the
-TrainState, finiteness is flagged per leaf, evaluation writes loss and bits
-per byte, the binaries run (evaluate and sample on the workdir's recorded
-config, with readable logs)."""
+TrainState, finiteness is flagged per leaf, the first compiles of the train
+and eval steps are logged and timed, evaluation writes loss and bits per byte,
+the binaries run (evaluate and sample on the workdir's recorded config, with
+readable logs)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -97,6 +99,18 @@ def test_step_on_leaves_equals_step_on_train_state(data_dir):
   assert jax.tree.structure(on_leaves) == jax.tree.structure(on_state)
   for a, b in zip(jax.tree.leaves((on_state, state_metrics)), jax.tree.leaves((on_leaves, leaf_metrics))):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)  # bitwise on CPU; a GPU may fuse the two differently
+
+
+def test_first_compiles_are_logged_and_timed(data_dir, tmp_path, caplog):
+  caplog.set_level('INFO')
+  train(tiny_experiment(data_dir, total_steps=1, eval_batches=1), str(tmp_path))
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(('compiling ', 'compiled '))]
+  assert len(lines) == 4, lines
+  assert lines[0] == 'compiling the train step'
+  assert re.fullmatch(r'compiled the train step and ran it once in \d+\.\d s', lines[1])
+  assert lines[2] == 'compiling the evaluation step for batches of 8 rows of 32 tokens'
+  assert re.fullmatch(r'compiled the evaluation step for batches of 8 rows of 32 tokens and ran it once in '
+                      r'\d+\.\d s', lines[3])
 
 
 def test_finite_leaves_names_each_bad_leaf():

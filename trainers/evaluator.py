@@ -12,13 +12,13 @@ synthetic task split, accuracy is the fraction of answer tokens the model's
 argmax predicts exactly.
 
 `evaluate_checkpoint` logs each part as it starts and its batches every
-PROGRESS_SECONDS; `write_results` keeps one file per checkpoint step and
-points eval.json at the newest step only.
+PROGRESS_SECONDS (and, in training too, each compile of the eval step with its
+time); `write_results` keeps one file per checkpoint step and points eval.json
+at the newest step only.
 """
 import json
 import math
 import time
-from collections.abc import Callable
 
 import jax
 from absl import logging
@@ -29,25 +29,43 @@ from ml_collections import ConfigDict
 from trainers import data, paths, steps
 from trainers.checkpoints import read_checkpoint
 from trainers.experiment import Experiment
+from trainers.logs import compiling
 
 PROGRESS_SECONDS = 10.0
 
 
+class EvalStep:
+  """The jitted eval step of a model graph; each batch shape's first call (its compile) is logged and timed."""
+
+  def __init__(self, graphdef: nnx.GraphDef):
+    self.jitted = jax.jit(steps.make_eval_step(graphdef))
+    self.compiled: set[tuple[int, ...]] = set()
+
+  def __call__(self, params: nnx.State, batch: steps.Batch) -> dict:
+    shape = batch['positions'].shape
+    if shape in self.compiled:
+      return self.jitted(params, batch)
+    with compiling(f'the evaluation step for batches of {shape[0]} rows of {shape[1] - 1} tokens'):
+      sums = jax.block_until_ready(self.jitted(params, batch))
+    self.compiled.add(shape)
+    return sums
+
+
 class Evaluator:
-  """Jits the eval step once (or shares `eval_step`, the jitted eval step of another Evaluator of the same
-  experiment: shapes seen before then do not compile again); call it with the params to evaluate. With
-  `progress` (a label) it logs the batches done every PROGRESS_SECONDS and the time taken."""
+  """Jits the eval step once (or shares `eval_step`, the EvalStep of another Evaluator of the same experiment:
+  shapes seen before then do not compile again); call it with the params to evaluate. With `progress` (a label)
+  it logs the batches done every PROGRESS_SECONDS and the time taken."""
 
   def __init__(self, config: ConfigDict, graphdef: nnx.GraphDef, batch_sharding: jax.sharding.NamedSharding,
                *, split: str = 'validation', num_batches: int | None = None, seq_len: int | None = None,
-               progress: str = '', eval_step: Callable | None = None):
+               progress: str = '', eval_step: EvalStep | None = None):
     self.config = config
     self.split = split
     self.num_batches = num_batches
     self.seq_len = seq_len or config.seq_len
     self.batch_sharding = batch_sharding
     self.progress = progress
-    self.eval_step = eval_step or jax.jit(steps.make_eval_step(graphdef))
+    self.eval_step = eval_step or EvalStep(graphdef)
 
   def __call__(self, params: nnx.State) -> dict:
     totals = None
@@ -93,7 +111,7 @@ PASSKEY_MIN_LENGTH = 128  # the needle and the question take ~100 bytes
 
 
 def task_scores(config: ConfigDict, exp: Experiment, params: nnx.State, *, progress: bool = False,
-                eval_step: Callable | None = None) -> dict:
+                eval_step: EvalStep | None = None) -> dict:
   """Argmax accuracy on the answer tokens of each task in config.eval_tasks (passkey: per
   length and depth), whatever data the model was trained on."""
   scores = {}

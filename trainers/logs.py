@@ -1,10 +1,15 @@
 """Keeps the binaries' logs readable: this project's INFO lines, only warnings
-and errors from libraries (orbax and tfds log every save and read), and no TPU
-probe on a machine without accelerators (below). (tfds progress bars are
-turned off where a corpus is built: trainers/data/local_text.py.)"""
+and errors from libraries (orbax and tfds log every save and read), no TPU
+probe on a machine without accelerators (below), and no silent compile: a
+program's first call (minutes for a large model) is announced and timed
+(`compiling`). (tfds progress bars are turned off where a corpus is built:
+trainers/data/local_text.py.)"""
+import contextlib
 import glob
 import logging as py_logging
 import os
+import time
+from collections.abc import Iterator
 
 import jax
 from absl import logging
@@ -42,3 +47,16 @@ def quiet_library_logs() -> None:
   """Everything this module's docstring lists; call it first in a binary's main."""
   logging.get_absl_handler().addFilter(_keep)
   skip_tpu_probe_without_accelerators()
+
+
+@contextlib.contextmanager
+def compiling(program: str) -> Iterator[None]:
+  """Logs (process 0) that `program` compiles, then how long its first call took; the block makes that call and
+  waits for its result."""
+  lead = jax.process_index() == 0
+  if lead:
+    logging.info('compiling %s', program)
+  start = time.perf_counter()
+  yield
+  if lead:
+    logging.info('compiled %s and ran it once in %.1f s', program, time.perf_counter() - start)

@@ -9,7 +9,6 @@ trainer at a time (trainers/workdir_lock.py).
 """
 import signal
 import threading
-import time
 
 import jax
 from absl import logging
@@ -22,6 +21,7 @@ from trainers.checkpoints import Checkpointer, NonFiniteError
 from trainers.evaluator import Evaluator
 from trainers.experiment import Experiment
 from trainers.jitted_step import TrainStep
+from trainers.logs import compiling
 from trainers.metrics import MetricsWriter, Throughput, log_progress
 from trainers.param_overview import parameter_overview
 
@@ -154,11 +154,14 @@ class _Loop:
     leaves = self.train_step.leaves(state)  # the state between steps; see trainers/jitted_step.py
     with _Preemption() as preemption:
       while step < config.total_steps:
-        leaves, metrics = self._step(leaves, step)
+        if step == first_step:  # the first call compiles
+          with compiling('the train step'):
+            leaves, metrics = self._step(leaves, step)
+            jax.block_until_ready(leaves)
+          self.throughput.start(step + 1)  # tokens/s counts from the end of the compile
+        else:
+          leaves, metrics = self._step(leaves, step)
         step += 1
-        if step == first_step + 1:  # tokens/s counts from the end of the compile
-          jax.block_until_ready(leaves)
-          self.throughput.start(step)
         last = self._log_and_evaluate(step, leaves, metrics) or last
         preempted = preemption.reached(step)
         stopping = preempted or step in (stop_at, config.total_steps)
