@@ -30,6 +30,8 @@ from flax import nnx
 
 from layers.documents import Cursor
 from layers.flops import Lengths
+from layers.gold_attention import GoldKeyCache
+from layers.kv_cache import KVCache
 
 
 # XLA's GPU pipeline rewrites a dot with a vector operand below 10M elements (every projection of a
@@ -85,6 +87,17 @@ class ModelCache:
   cursor: Cursor
   layers: Any
   max_len: int = flax.struct.field(pytree_node=False, default=0)  # init_cache's max_len (static)
+
+  def overflowed(self) -> jax.Array:
+    """bool []: a cache that keeps every token (a global KV cache, YOCO's shared K/V, GOLD's key cache) was
+    written past max_len. Its slots are then reused (token i in slot i mod max_len) and attention silently
+    loses the oldest tokens: a caller that feeds a cache over several calls checks this and refuses the result
+    (the sampler sizes its cache so that it never does). Rings of a window and recurrent states do not overflow.
+    Jit-safe: nothing is read back here."""
+    caches = jax.tree.leaves(self.layers, is_leaf=lambda c: isinstance(c, (KVCache, GoldKeyCache)))
+    if not any(isinstance(c, GoldKeyCache) or isinstance(c, KVCache) and c.keeps_all for c in caches):
+      return jnp.zeros((), bool)
+    return jnp.any(self.cursor.next_index > self.max_len)
 
 
 class AttentionHeads:

@@ -275,7 +275,7 @@ class YOCO(Decoder):
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
     cfg = self.config
     self_decoder = stack.init_caches(self.self_layers, cfg.self_layers, batch, max_len, dtype, scan=cfg.scan_layers)
-    cross_kv = KVCache.create(batch, max_len, cfg.kv_heads, cfg.head_dim, dtype)
+    cross_kv = KVCache.create(batch, max_len, cfg.kv_heads, cfg.head_dim, dtype, keeps_all=True)
     return ModelCache(cursor=Cursor.create(batch), layers=YOCOLayerCaches(self_decoder=self_decoder, cross_kv=cross_kv),
                       max_len=max_len)
 

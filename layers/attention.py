@@ -47,7 +47,8 @@ class Attention(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
     slots = max_len if self.window is None else min(self.window, max_len)
-    return KVCache.create(batch, slots, self.num_kv_heads, self.head_dim, dtype)
+    keeps_all = self.window is None or self.window > max_len  # past max_len it would drop keys still in view
+    return KVCache.create(batch, slots, self.num_kv_heads, self.head_dim, dtype, keeps_all=keeps_all)
 
   def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
     """The q, k, v, out projections and attention over the keys each query sees."""

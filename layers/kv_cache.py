@@ -3,7 +3,10 @@
 Global attention keeps every token (S = max_len); a sliding window of W keeps
 a ring buffer of W slots, token i in slot i mod W. Each slot also records the
 index and document of the token it holds (-1 when empty), so the attention
-mask for cached keys is computed exactly as for fresh ones.
+mask for cached keys is computed exactly as for fresh ones. A cache that keeps
+every token (`keeps_all`) written past its S slots would reuse them the same
+way and silently turn global attention into a sliding window: the model's
+cache reports it (architectures.base.ModelCache.overflowed) for callers to refuse.
 """
 from typing import NamedTuple
 
@@ -28,13 +31,14 @@ class KVCache:
   values: jax.Array        # [B, S, K, H]
   slot_index: jax.Array    # [B, S] int32, -1 when empty
   slot_document: jax.Array  # [B, S] int32, -1 when empty
+  keeps_all: bool = flax.struct.field(pytree_node=False, default=False)  # S = max_len: no token may be overwritten
 
   @classmethod
   def create(cls, batch: int, slots: int, num_kv_heads: int, head_dim: int,
-             dtype: jnp.dtype) -> 'KVCache':
+             dtype: jnp.dtype, *, keeps_all: bool = False) -> 'KVCache':
     kv = jnp.zeros((batch, slots, num_kv_heads, head_dim), dtype)
     empty = jnp.full((batch, slots), PAD_DOCUMENT, jnp.int32)
-    return cls(keys=kv, values=kv, slot_index=empty, slot_document=empty)
+    return cls(keys=kv, values=kv, slot_index=empty, slot_document=empty, keeps_all=keeps_all)
 
   @property
   def num_slots(self) -> int:
@@ -51,7 +55,7 @@ class KVCache:
     index = token_index[:, -n:]  # [B, n]
     slots = index % self.num_slots
     rows = jnp.arange(index.shape[0])[:, None]
-    return KVCache(
+    return self.replace(
         keys=self.keys.at[rows, slots].set(keys[:, -n:].astype(self.keys.dtype)),
         values=self.values.at[rows, slots].set(values[:, -n:].astype(self.values.dtype)),
         slot_index=self.slot_index.at[rows, slots].set(index),

@@ -1,9 +1,11 @@
 """Faults injected into training: SIGKILL at random points (one during a
 checkpoint write), SIGTERM, truncated and edited checkpoints, NaN/Inf, a
-workdir of another model, an unknown config field, bad data. Each ends where a
-careful user wants it to: a resumed run equals an uninterrupted one bitwise on
-CPU (same compiled program on the same inputs), nothing good is ever
-overwritten, and a mistake is named in one line."""
+workdir of another model or held by another trainer, an unknown config field,
+bad data, bad workdir files, a changed corpus, a decode cache written past its
+length. Each ends where a careful user wants it to: a resumed run equals an
+uninterrupted one bitwise on CPU (same compiled program on the same inputs),
+nothing good is ever overwritten, evaluate and sample change nothing but their
+outputs, and a mistake is named in one line."""
 import json
 import os
 import shutil
@@ -14,11 +16,15 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
+import architectures
+from trainers import workdir_lock
 from trainers.checkpoints import Checkpointer, CorruptCheckpointError, StateMismatchError
 from trainers.evaluator import evaluate_checkpoint, write_results
 from trainers.experiment import Experiment
@@ -26,8 +32,7 @@ from trainers.logs import has_accelerator
 from trainers.run_config import WorkdirMismatchError, config_for, record_or_check
 from trainers.run_history import EarlierRunError
 from trainers.train_loop import NonFiniteError, train
-from trainers import workdir_lock
-from tests.helpers import family_tiny_config, tiny_experiment
+from tests.helpers import family_tiny_config, jitted, random_tokens, tiny_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS, CHECKPOINT_EVERY = 40, 5
@@ -446,6 +451,25 @@ def test_evaluate_after_the_corpus_changed_scores_the_build_trained_on(tmp_path,
   with pytest.raises(ValueError, match=rf'the build {builds[0]} of {corpus} that the run trained on is no longer '
                                        r'under .* --other_dataset'):
     evaluate_checkpoint(config, str(tmp_path / 'run'), num_batches=1)
+
+
+@pytest.mark.parametrize('family,keeps_all', [('transformer', True), ('sliding', False), ('yoco', True),
+                                               ('goldfinch', True), ('hawk', False)])
+@pytest.mark.fault('a decode cache written past its max_len through the model API (two calls of 5 tokens into a cache '
+                   'for 8): a global KV cache, YOCO\'s shared K/V, GOLD\'s key cache; a window ring and recurrent state',
+                   'ModelCache.overflowed() is True where a cache keeps every token (its attention would silently '
+                   'lose the oldest ones), False while it fits and for rings and recurrent states')
+def test_a_cache_written_past_max_len_says_so(family, keeps_all, data_dir):
+  config = family_tiny_config(family, data_dir).model
+  if family == 'sliding':
+    config.window = 4  # a ring of 4 slots (a window over 8 keeps all 8 tokens: it would overflow too)
+  model = architectures.create_model(config.to_dict(), nnx.Rngs(0))
+  step = jitted(model)
+  tokens, positions = random_tokens((2, 5), 64), jnp.tile(jnp.arange(5), (2, 1))
+  _, cache = step(tokens, positions, model.init_cache(2, 8, jnp.float32))
+  assert not cache.overflowed()
+  _, cache = step(tokens, positions + 5, cache)
+  assert bool(cache.overflowed()) == keeps_all
 
 
 @pytest.mark.fault('a text corpus with Latin-1, binary and empty files',

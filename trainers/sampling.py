@@ -80,8 +80,9 @@ def generate_tokens(graphdef, state, tokens: jax.Array, positions: jax.Array, ke
                     num_new_tokens: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                     eos_id: int | None, cache_dtype, prefill_chunk: int = 0) -> jax.Array:
   """The whole generation, to be jitted as one call (generation_program): prompts [B, P] (left-padded) ->
-  new tokens [B, N], -1 after `eos_id` or past `num_new_tokens` (an int32 scalar <= N = max_new_tokens:
-  one compiled program serves any count up to N; the benchmark times 1 and 1 + n new tokens with it)."""
+  new tokens [B, N], -1 after `eos_id` or past `num_new_tokens` (an int32 scalar, at most N = max_new_tokens
+  counted: one compiled program serves any count up to N, never writing its cache past the prompt and N new
+  tokens; the benchmark times 1 and 1 + n new tokens with it)."""
   model = nnx.merge(graphdef, state)
   cast_matmul_weights(model)
   batch, prompt_len = tokens.shape
@@ -90,9 +91,9 @@ def generate_tokens(graphdef, state, tokens: jax.Array, positions: jax.Array, ke
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
 
-  def cond(carry):
+  def cond(carry):  # never past max_new_tokens: the cache holds prompt_len + max_new_tokens tokens
     i, _, _, _, done, _ = carry
-    return (i < num_new_tokens) & ~jnp.all(done)
+    return (i < jnp.minimum(num_new_tokens, max_new_tokens)) & ~jnp.all(done)
 
   def body(carry):
     i, logits, cache, position, done, out = carry
