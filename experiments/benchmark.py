@@ -11,7 +11,8 @@
   python -m experiments.benchmark --mode=op --op=attention --op_shape=8,4096,16,64   # cuDNN over documents
   python -m experiments.benchmark --mode=op --op=rg_lru --op_shape=8,2048,8,128     # fused RG-LRU, W = 1024
 
-`--mode=train`: compile time, the median step time of `--steps` timed steps
+Each mode reads its own flags (MODE_FLAGS below); a flag of another mode is refused in one line.
+`--mode=train`: compile time, the median step time of `--timed_steps` timed steps
 (after `--warmup` untimed ones), tokens/s, MFU against the chip's peak bf16
 rate and the device's peak memory, on rows of `--docs_per_row` documents
 (default 4; 1: one document a row). `mfu` counts the work done (each query's
@@ -54,8 +55,8 @@ from trainers.measure_decode import benchmark_decode
 from trainers.measure_ops import OPERATORS, benchmark_operator
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps.')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed train steps after the compile.')
+_TIMED_STEPS = flags.DEFINE_integer('timed_steps', 10, 'Train and op modes: timed steps (median).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Train mode: untimed steps after the compile.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON results.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'decode', 'op'], 'What to measure.')
 _PEER = flags.DEFINE_bool('peer', False, 'Also time the peer (experiments/peers) in the same run.')
@@ -71,14 +72,32 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Decode: timed calls per measureme
 _OP = flags.DEFINE_enum('op', 'wkv', sorted(OPERATORS), 'Op mode: the operator.')
 _OP_SHAPE = flags.DEFINE_list('op_shape', ['8', '2048', '16', '64'], 'Op mode: batch, length, heads, head dim.')
 
+# The flags each mode reads; one given on the command line that its mode does not read is refused.
+MODE_FLAGS = {
+    'train': {'config', 'timed_steps', 'warmup', 'num_devices', 'docs_per_row'},
+    'decode': {'config', 'contexts', 'decode_batch', 'max_batch', 'new_tokens', 'compile_only', 'repeats'},
+    'op': {'op', 'op_shape', 'timed_steps'},
+}
+COMMON_FLAGS = {'mode', 'output', 'peer'}
+
+
+def check_mode_flags(values: dict) -> bool:
+  """Validator: every benchmark flag given on the command line is one its --mode reads (one line otherwise)."""
+  mode = values['mode']
+  for name in sorted(set().union(*MODE_FLAGS.values()) - MODE_FLAGS[mode] - COMMON_FLAGS):
+    if flags.FLAGS[name].present:
+      used_by = ' and '.join(f'--mode={m}' for m, names in MODE_FLAGS.items() if name in names)
+      raise flags.ValidationError(f'--{name} is a {used_by} flag; --mode={mode} does not read it')
+  return True
+
 
 def _operator_results() -> dict:
   if len(_OP_SHAPE.value) != 4:
     raise app.UsageError(f'--op_shape={",".join(_OP_SHAPE.value)} must be 4 integers: B,T,H,D')
   shape = [int(n) for n in _OP_SHAPE.value]
-  results = benchmark_operator(_OP.value, *shape, _STEPS.value)
+  results = benchmark_operator(_OP.value, *shape, _TIMED_STEPS.value)
   if _PEER.value:
-    results['peer'] = benchmark_operator_peer(_OP.value, *shape, _STEPS.value)
+    results['peer'] = benchmark_operator_peer(_OP.value, *shape, _TIMED_STEPS.value)
     results['ratio_to_peer'] = results['fwd_bwd_s'] / results['peer']['fwd_bwd_s']
   logging.info('%s', json.dumps(results))
   return results
@@ -109,10 +128,10 @@ def main(argv):
     results = _operator_results()
   elif _MODE.value == 'train':
     devices = jax.devices()[:_NUM_DEVICES.value] if _NUM_DEVICES.value else None
-    results = benchmark_train_step(_CONFIG.value, _STEPS.value, _WARMUP.value, devices, _DOCS_PER_ROW.value)
+    results = benchmark_train_step(_CONFIG.value, _TIMED_STEPS.value, _WARMUP.value, devices, _DOCS_PER_ROW.value)
     logging.info('%s', json.dumps({k: v for k, v in results.items() if k not in ('step_s_all', 'model')}))
     if _PEER.value:
-      results['peer'] = benchmark_peer(_CONFIG.value, _STEPS.value, _WARMUP.value, _DOCS_PER_ROW.value)
+      results['peer'] = benchmark_peer(_CONFIG.value, _TIMED_STEPS.value, _WARMUP.value, _DOCS_PER_ROW.value)
       results['ratio_to_peer'] = results['tokens_per_s'] / results['peer']['tokens_per_s']
       logging.info('peer: %s; ours / peer = %.2fx', json.dumps(results['peer']), results['ratio_to_peer'])
   else:
@@ -140,4 +159,5 @@ if __name__ == '__main__':
   flags.register_validator('config', lambda c: c is not None or _MODE.value == 'op',
                            '--config is required except with --mode=op')
   flags.register_multi_flags_validator(['mode', 'peer', 'docs_per_row'], check_peer_work)
+  flags.register_multi_flags_validator(['mode'], check_mode_flags)
   flag_parsing.run(main)

@@ -162,3 +162,18 @@ def test_decode_plot_takes_the_largest_batch_found_at_each_context():
           dict(context=4096, batch=16, largest_batch=True, decode_tokens_per_s=300.0),
           dict(context=65536, batch=1, decode_tokens_per_s=8.0), dict(context=131072, batch=1)]  # prefill only
   assert throughput_by_context({'results': rows}) == ([4096, 65536], [300.0, 8.0])
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--mode=train', '--config=experiments/configs/transformer.py:tiny', '--contexts=4096'],
+     '--contexts is a --mode=decode flag; --mode=train does not read it'),
+    (['--mode=op', '--warmup=3'], '--warmup is a --mode=train flag; --mode=op does not read it'),
+    (['--mode=decode', '--config=experiments/configs/transformer.py:tiny', '--timed_steps=3'],
+     '--timed_steps is a --mode=train and --mode=op flag; --mode=decode does not read it'),
+])
+def test_a_flag_of_another_mode_is_refused_in_one_line(args, message):
+  process = subprocess.run([sys.executable, '-m', 'experiments.benchmark', *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert process.returncode == 1
+  fatal = [line for line in process.stderr.splitlines() if line.startswith('FATAL')]
+  assert len(fatal) == 1 and message in fatal[0], process.stderr[-2000:]
