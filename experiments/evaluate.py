@@ -4,6 +4,11 @@ Uses the config DIR's run was started with (DIR/config.json). A --config
 (with overrides) may replace it, but one whose model or dataset differs from
 the recorded one is refused (--other_dataset lets the dataset differ).
 
+It reads the newest finished checkpoint (or --step) and changes nothing else in
+DIR, so it may run beside a trainer; if the files of a local corpus changed
+since training, it evaluates the build the run trained on (or refuses where
+that build is gone), never a split of the changed files.
+
 Writes DIR/eval_<step>.json and, unless it holds a newer step, DIR/eval.json:
 the checkpoint step, the dataset (name, path, build, documents, overlap of the
 validation split with training), loss (nats/token), perplexity, bits per byte

@@ -6,7 +6,8 @@
 Uses the config DIR's run was started with (DIR/config.json); a --config whose
 model differs from it is refused. Prompts of different lengths are generated
 together (left-padded); each stops at the end-of-document token or after
---max_new_tokens. Prints the text.
+--max_new_tokens. Prints the text; changes nothing in DIR (it may run beside a
+trainer). A --top_k over the model's vocabulary is refused before it loads.
 """
 import jax
 from absl import app, flags

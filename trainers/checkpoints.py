@@ -4,8 +4,9 @@ Each checkpoint step holds two items: `state` (the sharded TrainState,
 restored directly onto the target shardings) and `meta` (JSON: the data
 loader's position, so a resumed run sees exactly the batches it would have
 seen, and one checksum per state leaf). Saves are asynchronous and atomic
-(orbax writes into a temporary folder and renames it when complete), and only
-the last `keep` are kept.
+(orbax writes into a temporary folder and renames it when complete; on an
+object store a commit file marks it complete), and only the last `keep` are
+kept.
 
 Restoring walks back from the newest step: a checkpoint that fails to load
 (truncated, missing files) or whose arrays do not match their checksums

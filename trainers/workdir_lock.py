@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import jax
@@ -70,9 +71,11 @@ class Holder:
 
 
 def _read(lock: epath.Path) -> Holder | None:
-  """The lock's holder; None if the lock has gone meanwhile. Raises WorkdirLockedError if it is unreadable."""
+  """The lock's holder; None if the lock has gone meanwhile or is being written (created, still empty). Raises
+  WorkdirLockedError if it holds something else."""
   try:
-    return Holder(**json.loads(lock.read_text()))
+    text = lock.read_text()
+    return Holder(**json.loads(text)) if text else None
   except FileNotFoundError:
     return None
   except (ValueError, TypeError) as error:
@@ -106,6 +109,7 @@ def _take(workdir: epath.Path, force: bool) -> Holder:
       return me
     holder = _read(lock)
     if holder is None:
+      time.sleep(0.1)  # gone, or its creator is writing it
       continue
     if not (force or holder.is_gone()):
       raise WorkdirLockedError(
@@ -143,13 +147,14 @@ def _exit_on_sigterm(signum: int, frame) -> None:
 
 
 @contextlib.contextmanager
-def hold(workdir: epath.Path, *, force: bool = False) -> Iterator[None]:
+def hold(workdir: str | os.PathLike, *, force: bool = False) -> Iterator[None]:
   """Holds `<workdir>/lock` (process 0) while the block runs; raises WorkdirLockedError if another holds it."""
+  workdir = paths.as_path(workdir)
   me = error = None
   if jax.process_index() == 0:
     try:
       me = _take(workdir, force)
-    except WorkdirLockedError as e:
+    except Exception as e:  # noqa: BLE001 (raised below, once the other processes know)
       error = e
   if jax.process_count() > 1:  # every process learns whether process 0 holds the lock
     taken = bool(multihost_utils.broadcast_one_to_all(np.int32(me is not None)))
