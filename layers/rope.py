@@ -8,7 +8,8 @@ theta_i = base^(-2i / d_rot), i = 0 .. d_rot/2 - 1, and p the token's position:
 `style='standard'` pairs channel i with i + d_rot/2 (GPT-NeoX, Llama, Gemma);
 `style='interleaved'` pairs channels 2i and 2i + 1 (RoFormer, GPT-J, YOCO).
 `fraction` < 1 rotates only the first `fraction * head_dim` channels and leaves
-the rest as they are (RecurrentGemma rotates half).
+the rest as they are (RecurrentGemma rotates half); `fraction=0` rotates nothing:
+no position information at all (NoPE, Kazemnejad et al. 2023), for ablations.
 `frequencies='linspace'` spaces the exponents evenly from 0 to 1 inclusive,
 theta_i = base^(-i / (d_rot/2 - 1)) (YOCO's reference code); the default
 'standard' is base^(-2i / d_rot).
@@ -22,8 +23,9 @@ FREQUENCIES = ('standard', 'linspace')
 
 def rotary_dims(head_dim: int, fraction: float) -> int:
   d_rot = int(head_dim * fraction)
-  if d_rot % 2 or d_rot <= 0:
-    raise ValueError(f'rope fraction {fraction} of head_dim {head_dim} gives {d_rot} channels; it must be even and > 0')
+  if d_rot % 2 or d_rot < 0 or (fraction > 0 and d_rot == 0):
+    raise ValueError(f'rope fraction {fraction} of head_dim {head_dim} gives {d_rot} channels; it must be even '
+                     '(0: fraction 0, no rotation)')
   return d_rot
 
 
@@ -36,6 +38,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, *, base: float = 10000.0,
     raise ValueError(f'unknown rope frequencies {frequencies!r}; known: {FREQUENCIES}')
   head_dim = x.shape[-1]
   d_rot = rotary_dims(head_dim, fraction)
+  if d_rot == 0:
+    return x
   if frequencies == 'standard':
     inv_freq = base ** (-jnp.arange(0, d_rot, 2, dtype=jnp.float32) / d_rot)  # [d_rot/2]
   else:

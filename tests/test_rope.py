@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from layers.rope import apply_rope
+from tests.helpers import jitted, tiny_model
 
 X = [1.0, 2.0, 3.0, 4.0]
 P = 3.0
@@ -54,3 +55,17 @@ def test_bad_style_and_fraction_are_named():
     apply_rope(x, jnp.zeros((1, 1)), style='spiral')
   with pytest.raises(ValueError, match='rope fraction'):
     apply_rope(x, jnp.zeros((1, 1)), fraction=0.5)
+
+
+def test_fraction_zero_is_nope_and_the_transformer_config_takes_it():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 3, 2, 8)), jnp.float32)
+  np.testing.assert_array_equal(apply_rope(x, jnp.asarray([[0, 5, 9]]), fraction=0.0), x)
+  with pytest.raises(ValueError, match='rope fraction'):
+    apply_rope(x, jnp.zeros((1, 3)), fraction=0.1)  # 0.8 of a channel: neither NoPE nor an even count
+  # One layer without positions: the last token's logits depend on the earlier tokens as a set (with more
+  # layers, the causal mask of the earlier tokens' own outputs still carries their order).
+  tokens, swapped, positions = jnp.asarray([[3, 1, 4, 1, 5]]), jnp.asarray([[1, 3, 4, 1, 5]]), jnp.arange(5)[None]
+  for fraction, same in ((0.0, True), (1.0, False)):
+    call = jitted(tiny_model(num_layers=1, rope_fraction=fraction))
+    difference = np.max(np.abs(call(tokens, positions)[0][0, -1] - call(swapped, positions)[0][0, -1]))
+    assert (difference < 1e-5) == same, (fraction, difference)
