@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -88,3 +89,23 @@ def family_tiny_config(name: str, data_dir, mesh: dict | None = None) -> ml_coll
   config.update(seq_len=32, batch_size=8, total_steps=10, mesh=mesh or dict(data=-1, fsdp=1, tensor=1))
   config.dataset.data_dir = str(data_dir)
   return config
+
+
+def matmul_flops(fn, *args) -> float:
+  """FLOPs of every dot_general `fn(*args)` traces (2 per multiply-add; scan bodies times their length, the
+  costlier branch of a cond, every other nested jaxpr walked): an independent count to hold the models'
+  analytic FLOP formulas to."""
+  def count(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        (lhs_contract, _), _ = eqn.params['dimension_numbers']
+        lhs = eqn.invars[0].aval.shape
+        total += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in lhs_contract])
+      elif eqn.primitive.name == 'cond':
+        total += max(count(branch.jaxpr) for branch in eqn.params['branches'])
+      else:
+        repeat = eqn.params['length'] if eqn.primitive.name == 'scan' else 1
+        total += repeat * sum(count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
+    return total
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)

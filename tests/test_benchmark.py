@@ -4,11 +4,13 @@ same on one device and on a sharded mesh (what the multi-GPU scaling runs compar
 under a memory budget, and how bad requests are refused. Speed itself is measured on the GPU,
 never asserted here."""
 import os
+import statistics
 import subprocess
 import sys
 import types
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -16,10 +18,13 @@ import pytest
 from experiments import peers
 from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer, peer_docs_per_row
 from experiments.plot_decode import throughput_by_context
+from layers.gated_retention_ops import recurrent_retention
+from layers.rg_lru import rg_lru
+from layers.wkv import wkv
 from tests.helpers import REPO, packed_positions, tiny_experiment, tiny_model
 from trainers.measure import benchmark_train_step, document_lengths, synthetic_batch, train_flops_per_token
 from trainers.measure_decode import DoesNotFitError, benchmark_decode
-from trainers.measure_ops import benchmark_operator
+from trainers.measure_ops import OPERATORS, benchmark_operator, packed_documents
 from trainers.steps import split_batch
 
 
@@ -137,10 +142,35 @@ def test_decode_benchmark_times_the_sampler_at_each_context_and_batch(data_dir):
     benchmark_decode(config, [5], [1], new_tokens=4)
 
 
+def reference_operator(name: str):
+  """The operator `name` of the op benchmark in its plainest form: recurrences step by step, attention
+  as a dense causal softmax in float32."""
+  if name.startswith('wkv'):
+    return lambda r, k, v, log_w, u: wkv(r, k, v, log_w, u, jnp.zeros(r.shape[:2], bool), impl='recurrent')[0]
+  if name == 'gated_retention':
+    return lambda q, k, v, g: recurrent_retention(q, k, v, g, jnp.zeros(q.shape[:2], bool))[0]
+  if name.startswith('rg_lru'):
+    positions = lambda x: jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    return lambda x, gates, a: rg_lru(x, gates, a, positions(x), None, impl='sequential')[0]
+
+  def attention(q, k, v):  # causal, within each document of the benchmark's packed rows
+    documents = packed_documents(*q.shape[:2])
+    scores = jnp.einsum('bthd,bshd->bhts', q, k) * q.shape[-1] ** -0.5
+    visible = jnp.tril(jnp.ones(scores.shape[-2:], bool)) & (documents[:, None, :, None] == documents[:, None, None])
+    return jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1), v)
+  return attention
+
+
 @pytest.mark.parametrize('name', ['wkv', 'wkv_chunked', 'gated_retention', 'attention', 'rg_lru', 'rg_lru_xla'])
-def test_operator_benchmark_times_forward_and_backward(name):
-  result = benchmark_operator(name, batch=1, seq_len=32, heads=2, head_dim=8, num_steps=1)
-  assert result['operator'] == name and result['fwd_bwd_s'] > 0
+def test_operator_benchmark_times_the_operator_it_names(name):
+  """What the op benchmark times computes the named operator (equal to its plainest form), and the time
+  reported is the median of the timed steps."""
+  make_inputs, forward = OPERATORS[name]
+  inputs = [x.astype(jnp.float32) for x in make_inputs(jax.random.key(0), 2, 32, 2, 8)]  # float32: exact forms
+  np.testing.assert_allclose(forward(*inputs), reference_operator(name)(*inputs), rtol=1e-4, atol=1e-4)
+  result = benchmark_operator(name, batch=1, seq_len=32, heads=2, head_dim=8, num_steps=3)
+  assert result['operator'] == name and len(result['fwd_bwd_s_all']) == 3
+  assert result['fwd_bwd_s'] == statistics.median(result['fwd_bwd_s_all'])
 
 
 def test_bad_requests_name_the_problem(data_dir):

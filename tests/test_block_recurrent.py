@@ -13,7 +13,7 @@ import architectures
 from architectures.base import ConfigError
 from architectures.block_recurrent import BlockRecurrentConfig, BlockRecurrentTransformer
 from layers.documents import locate
-from tests.helpers import jitted, packed_positions, random_tokens
+from tests.helpers import jitted, matmul_flops, packed_positions, random_tokens
 
 VOCAB = 64
 SMALL = dict(vocab_size=VOCAB, num_layers=2, dim=16, num_heads=2, num_kv_heads=1, mlp_dim=24, window=4,
@@ -267,6 +267,24 @@ def test_last_only_cache_bytes_and_flops():
   np.testing.assert_allclose(last[:, 0], jitted(model)(tokens, positions)[0][:, -1], atol=1e-5)
   assert model.cache_bytes(2, 10, jnp.float32) == model.cache_bytes(2, 10_000, jnp.float32)  # fixed size
   assert model.flops_per_token(64) > brt(num_layers=1, recurrent_layers=()).flops_per_token(64)
+
+
+@pytest.mark.parametrize('gate', ['fixed', 'lstm'])
+@pytest.mark.parametrize('variant', ['skip', 'dual', 'single'])
+@pytest.mark.parametrize('read_previous_window', [False, True])
+def test_cell_flops_equal_the_matmuls_it_traces(gate, variant, read_previous_window):
+  """The cell's analytic FLOPs a token (its state side, once per window) x the window == the dot_generals
+  one window's update traces: the state's projections, its two attentions and the rest of the variant."""
+  model = brt(gate=gate, variant=variant, state_reads_previous_window=read_previous_window)
+  cell = model.layers[0].mixer.cell
+  keys = cell.window * (2 if read_previous_window else 1)
+  state = jnp.ones((1, cell.num_states, cell.dim), jnp.float32)
+  k = v = jnp.ones((1, keys, cell.num_kv_heads, cell.head_dim), jnp.float32)
+
+  def one_window(state, k, v):
+    return cell.next_state(state, cell.project(state), k, v, jnp.ones((1, keys), bool))
+
+  assert matmul_flops(one_window, state, k, v) == pytest.approx(cell.flops_per_token() * cell.window)
 
 
 def test_kernel_self_attention_equals_blocked_form():
