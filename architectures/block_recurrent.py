@@ -26,7 +26,6 @@ from architectures.base import AttentionHeads
 from architectures.decoder import Decoder, DecoderConfig
 from layers.block_recurrent import GATES, VARIANTS, BlockRecurrentAttention
 from layers.mlp import ACTIVATIONS, GatedMLP
-from layers.norms import RMSNorm
 from layers.residual import ResidualBlock
 from layers.windowed_attention import POSITIONS, SPANS, WindowedAttention, kernel_mask
 
@@ -87,11 +86,6 @@ class BlockRecurrentConfig(AttentionHeads, DecoderConfig):
     self.check(self.mlp_activation in ACTIVATIONS, 'mlp_activation', f'known: {sorted(ACTIVATIONS)}')
 
   @property
-  def residual_init_scale(self) -> float:
-    """Variance scale of the projections that write into the residual stream (GPT-2 style)."""
-    return 1.0 / (2 * self.num_layers)
-
-  @property
   def recurrent_indices(self) -> tuple[int, ...]:
     return tuple(sorted(i % self.num_layers for i in self.recurrent_layers))
 
@@ -108,7 +102,7 @@ class BlockRecurrentTransformer(Decoder):
     self.io = cfg.make_io(rngs)
     recurrent = set(cfg.recurrent_indices)
     self.layers = nnx.List([self.make_block(cfg, i in recurrent, rngs) for i in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
+    self.final_norm = cfg.make_norm(cfg.dim)
 
   @classmethod
   def make_block(cls, cfg: BlockRecurrentConfig, recurrent: bool, rngs: nnx.Rngs) -> ResidualBlock:
@@ -116,7 +110,7 @@ class BlockRecurrentTransformer(Decoder):
     mixer = cls.make_mixer(cfg, recurrent, rngs)
     mlp = GatedMLP(cfg.dim, cfg.mlp_dim, activation=cfg.mlp_activation, out_init_scale=cfg.residual_init_scale,
                    rngs=rngs, **cfg.dtypes)
-    return ResidualBlock(cfg.dim, mixer, mlp, norm_eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
+    return ResidualBlock(cfg.dim, mixer, mlp, norm=cfg.make_norm)
 
   @staticmethod
   def make_mixer(cfg: BlockRecurrentConfig, recurrent: bool, rngs: nnx.Rngs) -> WindowedAttention:

@@ -1,6 +1,6 @@
 """GoldFinch (Goldstein et al. 2024, arXiv 2407.12077) and Finch (RWKV-6), docs/architectures.md, GoldFinch.
 
-Pre-norm residual blocks with LayerNorms (the RWKV layout, layers/rwkv6.RWKVBlock):
+Pre-norm residual blocks with LayerNorms and the channel mix as MLP (the RWKV layout, layers/residual.py):
 
     x = LN0(E[token]);  x0 = x                        (x0: the normalised token embedding)
     x = x + TimeMix(LN1(x));  x = x + ChannelMix(LN2(x))          layers 0 .. F-1 (RWKV-6)
@@ -40,29 +40,28 @@ and each GOLD layer derives its own k, v from them (compute traded for memory, a
 paper does).
 """
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from architectures import registry
-from architectures.base import ModelCache, ModelConfig
-from architectures.decoder import Decoder, DecoderConfig
+from architectures.base import ModelConfig
+from architectures.decoder import Call, Decoder, DecoderConfig
 from layers import sharding, stack
-from layers.documents import Cursor, Segments, locate
-from layers.flops import Lengths
-from layers.gold_attention import GoldAttention, GoldKeyCache, GoldKV, GoldSegments, KeyCompression, rms, shared_kv
-from layers.layer_norm import LayerNorm
+from layers.gold_attention import GoldAttention, GoldKeyCache, KeyCompression, rms, shared_streams
 from layers.pallas_wkv import supports as fused_wkv_supports
-from layers.rwkv6 import VARIANTS, ChannelMix, RWKVBlock, TimeMix
+from layers.residual import ResidualBlock
+from layers.rwkv6 import VARIANTS, ChannelMix, TimeMix
+from layers.shared_keys import AFTER_CACHED, OWN, SharedKeys
 from layers.wkv import IMPLEMENTATIONS as WKV_IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
 class GoldFinchConfig(DecoderConfig):
   runtime_fields: ClassVar[tuple[str, ...]] = ModelConfig.runtime_fields + ('wkv_impl', 'wkv_chunk_size')
+  norm: ClassVar[str] = 'layer'  # LayerNorms with a bias (RWKV)
 
   num_layers: int = 3
   mlp_dim: int = 0               # channel-mix width; 0: int(3.5 D) // 32 * 32 (the reference's dim_ffn)
@@ -118,30 +117,19 @@ class GoldFinchConfig(DecoderConfig):
   def kv_rank(self) -> int:
     return self.gold_lora_rank or max(self.dim // 16, 64)
 
-  @property
-  def residual_init_scale(self) -> float:
-    """Variance scale of the projections that write into the residual stream."""
-    return 1.0 / (2 * self.num_layers)
-
-
-@flax.struct.dataclass
-class GoldFinchCaches:
-  rwkv: Any                  # the RWKV blocks' caches (a list, or stacked when scanned)
-  gold: Any                  # the GOLD blocks' caches; None without GOLD layers (Finch)
-  keys: GoldKeyCache | None  # None without GOLD layers
-
 
 @registry.register('goldfinch')
 class GoldFinch(Decoder):
-  """`layers` are the RWKV blocks, `gold_layers` the GOLD blocks (None in Finch), each a stack (scanned or not)."""
+  """The generic decoder: the RWKV blocks (`layers`), the compressed key cache (the shared-keys stage), the GOLD
+  blocks (`gold_layers`, None in Finch) reading its streams; each stack scanned or not."""
 
   Config = GoldFinchConfig
+  reader_stacks = ('gold_layers',)
 
   def __init__(self, config: GoldFinchConfig, *, rngs: nnx.Rngs):
     self.config = cfg = config
-    pd = cfg.dtypes['param_dtype']
     self.io = cfg.make_io(rngs, scale_embeddings=False)
-    self.embed_norm = LayerNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=pd)
+    self.embed_norm = cfg.make_norm(cfg.dim)
     self.layers = stack.create_indexed_layers(lambda i, r: self.make_rwkv_block(cfg, i, r),
                                               range(cfg.num_rwkv_layers), rngs, scan=cfg.scan_layers)
     if cfg.num_gold_layers:
@@ -151,10 +139,10 @@ class GoldFinch(Decoder):
                                                      scan=cfg.scan_layers)
     else:
       self.compression, self.gold_layers = None, None
-    self.final_norm = LayerNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=pd)
+    self.final_norm = cfg.make_norm(cfg.dim)
 
   @classmethod
-  def make_rwkv_block(cls, cfg: GoldFinchConfig, layer: int | jax.Array, rngs: nnx.Rngs) -> RWKVBlock:
+  def make_rwkv_block(cls, cfg: GoldFinchConfig, layer: int | jax.Array, rngs: nnx.Rngs) -> ResidualBlock:
     mixer = TimeMix(cfg.dim, cfg.num_heads, cfg.head_dim, layer=layer, num_layers=cfg.num_layers,
                     variant=cfg.time_mix, mix_rank=cfg.mix_lora_rank, decay_rank=cfg.decay_lora_rank,
                     impl=cfg.wkv_impl, chunk_size=cfg.wkv_chunk_size, out_init_scale=cfg.residual_init_scale,
@@ -162,7 +150,7 @@ class GoldFinch(Decoder):
     return cls.make_block(cfg, mixer, layer, rngs)
 
   @classmethod
-  def make_gold_block(cls, cfg: GoldFinchConfig, layer: int | jax.Array, rngs: nnx.Rngs) -> RWKVBlock:
+  def make_gold_block(cls, cfg: GoldFinchConfig, layer: int | jax.Array, rngs: nnx.Rngs) -> ResidualBlock:
     mixer = GoldAttention(cfg.dim, cfg.num_heads, cfg.head_dim, layer=layer, num_layers=cfg.num_layers,
                           mix_rank=cfg.mix_lora_rank, kv_rank=cfg.kv_rank, rope=cfg.gold_rope,
                           rope_base=cfg.rope_base, impl=cfg.attention_impl, out_init_scale=cfg.residual_init_scale,
@@ -171,84 +159,44 @@ class GoldFinch(Decoder):
 
   @staticmethod
   def make_block(cfg: GoldFinchConfig, mixer: TimeMix | GoldAttention, layer: int | jax.Array,
-                 rngs: nnx.Rngs) -> RWKVBlock:
-    """The RWKV block of layer `layer` around `mixer`, with its channel mix."""
+                 rngs: nnx.Rngs) -> ResidualBlock:
+    """The RWKV block of layer `layer` around `mixer`: LayerNorms, and the channel mix as its MLP."""
     channel_mix = ChannelMix(cfg.dim, cfg.hidden_dim, layer=layer, num_layers=cfg.num_layers,
                              out_init_scale=cfg.residual_init_scale, rngs=rngs, **cfg.dtypes)
-    return RWKVBlock(cfg.dim, mixer, channel_mix, norm_eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
+    return ResidualBlock(cfg.dim, mixer, channel_mix, norm=cfg.make_norm)
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """x0 = LN0(E[token]) [B, T, D]: the residual stream's start and the GOLD key/value source
-    (in the activation layout, as the GOLD streams: see layers/gold_attention.shared_kv)."""
+    (in the activation layout, as the GOLD streams: see layers/gold_attention.shared_streams)."""
     return sharding.constrain(self.embed_norm(self.io.embed_tokens(tokens)),
                               (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache | None = None, *,
-               last_only: bool = False, capped: bool = True) -> tuple[jax.Array, ModelCache | None]:
-    """tokens [B, T] int32 (values [B, T, F] when forecasting) -> logits [B, T or 1, V] (predictions [.., F]).
-
-    Decoder.__call__ with the GOLD layers between `run_layers` (the RWKV blocks) and the final norm:
-    they need the inputs (the key cache keeps them), the cursor before this call and `last_only`."""
-    caches: GoldFinchCaches | None = None if cache is None else cache.layers
-    segments, cursor = locate(positions, None if cache is None else cache.cursor)
-    x0 = self.embed(tokens)                                             # [B, T, D]
-    x, rwkv = self.run_layers(x0, segments, None if caches is None else caches.rwkv)
-    gold, keys = None, None
-    if self.gold_layers is not None:
-      x, gold, keys = self.run_gold_layers(x, x0, tokens, segments, cache, last_only)
-    if last_only:
-      x = x[:, -1:]
-    logits = self.io.logits(self.final_norm(x), capped)                 # [B, T or 1, V]
+  def shared_keys(self, x: jax.Array, call: Call,
+                  cache: GoldKeyCache | None) -> tuple[SharedKeys, GoldKeyCache | None]:
+    """c = x W_down of the RWKV blocks' output x [B, T, D]; the GOLD key/value streams over the cached tokens
+    (rebuilt from their inputs and c) and these; the key cache with this call's inputs and c written."""
+    compressed = self.compression.compress(x)                                       # [B, T, D / ratio]
+    segments = call.segments
     if cache is None:
-      return logits, None
-    return logits, cache.replace(cursor=cursor, layers=GoldFinchCaches(rwkv=rwkv, gold=gold, keys=keys))
-
-  def run_gold_layers(self, x: jax.Array, x0: jax.Array, inputs: jax.Array, segments: Segments,
-                      cache: ModelCache | None, last_only: bool) -> tuple[jax.Array, Any, GoldKeyCache | None]:
-    """x [B, T, D] after the RWKV blocks through the GOLD blocks: x, their caches, the updated key cache.
-    With `last_only` only the last min(T, 2G + 1) positions run (the early exit)."""
-    cfg = self.config
-    kv, keys = self.key_value_streams(inputs, x0, self.compression.compress(x), segments, cache)
-    if last_only:  # early exit: GOLD only where the last position's output depends on
-      window = min(x.shape[1], 2 * cfg.num_gold_layers + 1)
-      x, segments = x[:, -window:], jax.tree.map(lambda a: a[:, -window:], segments)
-    segments = GoldSegments.of(segments, kv)
-    x, gold = stack.apply_layers(self.gold_layers, x, None if cache is None else cache.layers.gold,
-                                 lambda layer, h, layer_cache: layer(h, segments, layer_cache),
-                                 scan=cfg.scan_layers, remat=cfg.remat)
-    return x, gold, keys
-
-  def key_value_streams(self, inputs: jax.Array, x0: jax.Array, compressed: jax.Array, segments: Segments,
-                        cache: ModelCache | None) -> tuple[GoldKV, GoldKeyCache | None]:
-    """The GOLD key/value streams over the cached tokens and these; the updated key cache."""
-    if cache is None:
-      kd = self.compression.decompress(x0, compressed)
-      return shared_kv(kd, rms(x0), segments.index, segments.document, segments.positions), None
-    keys: GoldKeyCache = cache.layers.keys
-    past = keys.history(cache.cursor.next_index, cache.cursor.document)
-    x0_all = jnp.concatenate([self.embed(past['inputs']), x0], axis=1)               # [B, S + T, D]
+      kd = self.compression.decompress(call.embedded, compressed)
+      return shared_streams(kd, rms(call.embedded), segments.index, segments.document, segments.positions,
+                            OWN), None
+    past = cache.history(call.cursor.next_index, call.cursor.document)
+    x0 = jnp.concatenate([self.embed(past['inputs']), call.embedded], axis=1)         # [B, S + T, D]
     compressed_all = jnp.concatenate([past['compressed'].astype(compressed.dtype), compressed], axis=1)
     join = lambda name, now: jnp.concatenate([past[name], now], axis=1)
-    kd = self.compression.decompress(x0_all, compressed_all)
-    kv = shared_kv(kd, rms(x0_all), join('index', segments.index), join('documents', segments.document),
-                   join('positions', segments.positions))
-    return kv, keys.write(inputs, compressed, segments.index, segments.positions)
+    kd = self.compression.decompress(x0, compressed_all)
+    shared = shared_streams(kd, rms(x0), join('index', segments.index), join('document', segments.document),
+                            join('positions', segments.positions), AFTER_CACHED)
+    return shared, cache.write(call.inputs, compressed, segments.index, segments.positions)
 
-  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
-    cfg = self.config
-    rwkv = stack.init_caches(self.layers, cfg.num_rwkv_layers, batch, max_len, dtype, scan=cfg.scan_layers)
-    gold, keys = None, None
-    if self.gold_layers is not None:
-      gold = stack.init_caches(self.gold_layers, cfg.num_gold_layers, batch, max_len, dtype, scan=cfg.scan_layers)
-      keys = GoldKeyCache.create(batch, max_len, self.compression.compressed_dim, dtype, cfg.input_features)
-    return ModelCache(cursor=Cursor.create(batch), layers=GoldFinchCaches(rwkv=rwkv, gold=gold, keys=keys),
-                      max_len=max_len)
+  def init_shared_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> GoldKeyCache:
+    """Token ids (or input values) and c per token: the only part of the cache that grows with the context."""
+    return GoldKeyCache.create(batch, max_len, self.compression.compressed_dim, dtype, self.config.input_features)
 
-  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
-    """The RWKV blocks, the key compression, the GOLD blocks (attention within the documents) and the ends."""
-    cfg = self.config
-    flops = stack.flops_per_token(self.layers, cfg.num_rwkv_layers, seq_len, doc_lengths, scan=cfg.scan_layers)
-    if self.gold_layers is not None:
-      flops += self.compression.flops_per_token() + stack.flops_per_token(
-          self.gold_layers, cfg.num_gold_layers, seq_len, doc_lengths, scan=cfg.scan_layers)
-    return flops + self.io.flops_per_token()
+  def shared_flops_per_token(self) -> float:
+    return self.compression.flops_per_token()
+
+  def reader_window(self) -> int:
+    """2G + 1: each GOLD block's two token shifts (time mix and channel mix) reach one position back."""
+    return 2 * self.config.num_gold_layers + 1

@@ -15,16 +15,16 @@ layers/linear.py) with variance scale 2 / num_layers for each block's last
 projection (W_out, attention out, MLP down), conv kernel 0.01 / width,
 embedding std 1/sqrt(D), RG-LRU a uniform on the ring [0.9, 0.999].
 
-Layers are built in groups of len(block_pattern) (each group the same shape),
-so `scan_layers` can run the groups with one lax.scan; the layers that do not
-fill a whole group form the `tail`. Decode cache per layer: RG-LRU state
+Layers are built in groups of len(block_pattern) (layers/stack.create_groups:
+each group the same shape), so `scan_layers` can run the groups with one
+lax.scan; the layers that do not fill a whole group form the `tail`. Decode cache per layer: RG-LRU state
 (float32) + the conv's last inputs for a recurrent block, a ring buffer of
 `window` slots for attention. Parity with recurrentgemma 1.0.1 (whose window w
 lets a query see w + 1 keys: ours is window = w + 1) is tested in
 tests/test_griffin.py; `architectures.griffin_convert` ports its weights.
 """
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.struct
 import jax
@@ -32,16 +32,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from architectures import registry
-from architectures.base import DECODE_GEMV_OPTIONS, ModelCache
+from architectures.base import DECODE_GEMV_OPTIONS
 from architectures.decoder import Decoder, DecoderConfig
 from layers import sharding, stack
 from layers.attention import Attention
 from layers.conv1d import CausalConv1D, ConvState
-from layers.documents import Cursor, Segments
+from layers.documents import Segments
 from layers.flops import Lengths
 from layers.linear import Dense
 from layers.mlp import GatedMLP
-from layers.norms import RMSNorm
 from layers.residual import Mixer, ResidualBlock
 from layers.rg_lru import IMPLEMENTATIONS as LRU_IMPLEMENTATIONS
 from layers.rg_lru import RGLRU
@@ -52,6 +51,7 @@ RECURRENT, ATTENTION = 'r', 'a'
 @dataclasses.dataclass(frozen=True)
 class GriffinConfig(DecoderConfig):
   runtime_fields: ClassVar[tuple[str, ...]] = (*DecoderConfig.runtime_fields, 'lru_impl', 'lru_chunk_size')
+  norm: ClassVar[str] = 'rms_zero_centered'  # x rsqrt(mean(x^2) + eps) (1 + scale), scale initialised to 0
 
   num_layers: int = 3
   num_heads: int = 4            # attention heads (head_dim = dim / num_heads) and RG-LRU gate blocks
@@ -110,8 +110,8 @@ class GriffinConfig(DecoderConfig):
     return (pattern * (self.num_layers // len(pattern) + 1))[:self.num_layers]
 
   @property
-  def out_init_scale(self) -> float:
-    """Variance scale of each block's last projection (W_out, attention out, MLP down)."""
+  def residual_init_scale(self) -> float:
+    """Variance scale of each block's last projection (W_out, attention out, MLP down): 2 / L (RecurrentGemma)."""
     return 2.0 / self.num_layers
 
 
@@ -164,51 +164,28 @@ class RecurrentBlock(nnx.Module):
     return 2 * 3 * d * w + 2 * 2 * w * (w // self.num_heads) + 2 * self.conv.width * w + 2 * w
 
 
-class BlockGroup(nnx.Module):
-  """Consecutive residual blocks, one per letter of `kinds` (one period of the block pattern); a layer of the
-  mixer protocol whose cache is the tuple of its blocks' caches."""
-
-  def __init__(self, cfg: GriffinConfig, kinds: str, rngs: nnx.Rngs):
-    self.blocks = nnx.List([Griffin.make_block(cfg, kind, rngs) for kind in kinds])
-
-  def __call__(self, x: jax.Array, segments: Segments, caches: tuple | None) -> tuple[jax.Array, tuple | None]:
-    """x [B, T, D] -> [B, T, D], the blocks' updated caches."""
-    new_caches = []
-    for i, block in enumerate(self.blocks):
-      x, cache = block(x, segments, None if caches is None else caches[i])
-      new_caches.append(cache)
-    return x, (None if caches is None else tuple(new_caches))
-
-  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> tuple:
-    return tuple(block.init_cache(batch, max_len, dtype) for block in self.blocks)
-
-  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
-    return sum(block.flops_per_token(seq_len, doc_lengths) for block in self.blocks)
-
-
 @registry.register('griffin')
 class Griffin(Decoder):
+  """The generic decoder over the groups of the block pattern, then the tail."""
+
   Config = GriffinConfig
   decode_compiler_options = DECODE_GEMV_OPTIONS
+  stacks = ('groups', 'tail')
 
   def __init__(self, config: GriffinConfig, *, rngs: nnx.Rngs):
     self.config = cfg = config
     bf16_scale = jnp.bfloat16 if cfg.round_embed_scale else None
     self.io = cfg.make_io(rngs, scale_embeddings=cfg.scale_embeddings, round_scale_to=bf16_scale,
                           embed_init_std=cfg.dim ** -0.5)
-    num_groups, tail = divmod(cfg.num_layers, len(cfg.block_pattern))
-    self.groups = stack.create_layers(lambda r: BlockGroup(cfg, cfg.block_pattern, r), num_groups, rngs,
-                                      scan=cfg.scan_layers and num_groups > 0)
-    self.tail = stack.create_layers(lambda r: BlockGroup(cfg, cfg.block_pattern[:tail], r), int(tail > 0), rngs,
-                                    scan=False)
-    self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, zero_centered=True, param_dtype=cfg.dtypes['param_dtype'])
+    self.groups, self.tail = stack.create_groups(lambda kind, r: self.make_block(cfg, kind, r), cfg.block_pattern,
+                                                 cfg.num_layers, rngs, scan=cfg.scan_layers)
+    self.final_norm = cfg.make_norm(cfg.dim)
 
   @classmethod
   def make_block(cls, cfg: GriffinConfig, kind: str, rngs: nnx.Rngs) -> ResidualBlock:
-    mlp = GatedMLP(cfg.dim, cfg.mlp, activation='gelu', use_bias=True, out_init_scale=cfg.out_init_scale,
+    mlp = GatedMLP(cfg.dim, cfg.mlp, activation='gelu', use_bias=True, out_init_scale=cfg.residual_init_scale,
                    rngs=rngs, **cfg.dtypes)
-    return ResidualBlock(cfg.dim, cls.make_mixer(cfg, kind, rngs), mlp, norm_eps=cfg.norm_eps,
-                         zero_centered_norm=True, param_dtype=cfg.dtypes['param_dtype'])
+    return ResidualBlock(cfg.dim, cls.make_mixer(cfg, kind, rngs), mlp, norm=cfg.make_norm)
 
   @staticmethod
   def make_mixer(cfg: GriffinConfig, kind: str, rngs: nnx.Rngs) -> Mixer:
@@ -216,37 +193,8 @@ class Griffin(Decoder):
     if kind == RECURRENT:
       return RecurrentBlock(cfg.dim, cfg.lru, cfg.num_heads, conv_width=cfg.conv_width, lru_c=cfg.lru_c,
                             lru_min_rad=cfg.lru_min_rad, lru_max_rad=cfg.lru_max_rad, lru_impl=cfg.lru_impl,
-                            lru_chunk_size=cfg.lru_chunk_size, out_init_scale=cfg.out_init_scale, rngs=rngs,
+                            lru_chunk_size=cfg.lru_chunk_size, out_init_scale=cfg.residual_init_scale, rngs=rngs,
                             **cfg.dtypes)
     return Attention(cfg.dim, cfg.num_heads, 1, cfg.head_dim, window=cfg.window or None, rope_base=cfg.rope_base,
-                     rope_fraction=cfg.rope_fraction, impl=cfg.attention_impl, out_init_scale=cfg.out_init_scale,
+                     rope_fraction=cfg.rope_fraction, impl=cfg.attention_impl, out_init_scale=cfg.residual_init_scale,
                      out_bias=True, rngs=rngs, **cfg.dtypes)
-
-  def stacks(self) -> dict[str, tuple[nnx.Module, int, bool]]:
-    """The non-empty layer stacks by cache key, each (layers, how many, scanned): the groups, then the tail."""
-    cfg = self.config
-    num_groups = cfg.num_layers // len(cfg.block_pattern)
-    stacks = {'groups': (self.groups, num_groups, cfg.scan_layers), 'tail': (self.tail, len(self.tail), False)}
-    return {name: (layers, count, scan) for name, (layers, count, scan) in stacks.items() if count}
-
-  def run_layers(self, x: jax.Array, segments: Segments, caches: Any, *,
-                 last_only: bool = False) -> tuple[jax.Array, Any]:
-    """x [B, T, D] through the groups (one lax.scan with scan_layers), then the tail (Decoder.run_layers)."""
-    new_caches = {}
-    for name, (layers, _, scan) in self.stacks().items():
-      x, new_caches[name] = stack.apply_layers(
-          layers, x, None if caches is None else caches[name],
-          lambda group, h, cache: group(h, segments, cache), scan=scan, remat=self.config.remat)
-    return (x[:, -1:] if last_only else x), (None if caches is None else new_caches)
-
-  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
-    layers = {name: stack.init_caches(layers, count, batch, max_len, dtype, scan=scan)
-              for name, (layers, count, scan) in self.stacks().items()}
-    return ModelCache(cursor=Cursor.create(batch), layers=layers, max_len=max_len)
-
-  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
-    """Forward FLOPs per token: every block's (RecurrentBlock.flops_per_token; attention within the documents of
-    `doc_lengths`) and the logits' matmul; norms, soft cap and the embedding lookup are not counted."""
-    layers = sum(stack.flops_per_token(layers, count, seq_len, doc_lengths, scan=scan)
-                 for layers, count, scan in self.stacks().values())
-    return layers + self.io.flops_per_token()

@@ -16,7 +16,6 @@ from architectures.decoder import Decoder, DecoderConfig
 from layers import stack
 from layers.attention import Attention
 from layers.mlp import ACTIVATIONS, GatedMLP
-from layers.norms import RMSNorm
 from layers.residual import Mixer, ResidualBlock
 from layers.rope import STYLES, rotary_dims
 
@@ -44,11 +43,6 @@ class TransformerConfig(AttentionHeads, DecoderConfig):
     except ValueError as e:
       self.check(False, 'rope_fraction', str(e))
 
-  @property
-  def residual_init_scale(self) -> float:
-    """Variance scale of the projections that write into the residual stream (GPT-2 style)."""
-    return 1.0 / (2 * self.num_layers)
-
 
 @registry.register('transformer')
 class Transformer(Decoder):
@@ -59,14 +53,13 @@ class Transformer(Decoder):
     self.config = cfg = config
     self.io = cfg.make_io(rngs)
     self.layers = stack.create_layers(lambda r: self.make_block(cfg, r), cfg.num_layers, rngs, scan=cfg.scan_layers)
-    self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
+    self.final_norm = cfg.make_norm(cfg.dim)
 
   @classmethod
   def make_block(cls, cfg: TransformerConfig, rngs: nnx.Rngs) -> ResidualBlock:
     mlp = GatedMLP(cfg.dim, cfg.mlp_dim, activation=cfg.mlp_activation, out_init_scale=cfg.residual_init_scale,
                    rngs=rngs, **cfg.dtypes)
-    return ResidualBlock(cfg.dim, cls.make_mixer(cfg, rngs), mlp, norm_eps=cfg.norm_eps,
-                         param_dtype=cfg.dtypes['param_dtype'])
+    return ResidualBlock(cfg.dim, cls.make_mixer(cfg, rngs), mlp, norm=cfg.make_norm)
 
   @staticmethod
   def make_mixer(cfg: TransformerConfig, rngs: nnx.Rngs) -> Mixer:

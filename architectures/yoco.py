@@ -33,32 +33,31 @@ for a Transformer of L layers with K K/V heads: about L times less at long conte
 Prefill early exit: called with a cache and `last_only=True`, the self-decoder
 runs over the prompt and writes the global K/V, and the cross-decoder runs for
 the last position only (the paper's prefill that skips the cross-decoder; the
-last position is also run so that its logits start generation).
+last position is also run so that its logits start generation): the generic
+decoder's reader window (architectures/decoder.py), 1 here.
 """
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
 
 from architectures import registry
-from architectures.base import ModelCache
-from architectures.decoder import Decoder, DecoderConfig
+from architectures.decoder import Call, Decoder, DecoderConfig
 from layers import attention_ops, sharding, stack
 from layers.attention import Attention
-from layers.documents import Cursor, Segments
+from layers.documents import Segments
 from layers.flops import Lengths, attention_flops, document_lengths, mean_visible_keys
 from layers.gated_retention import GatedRetention
-from layers.kv_cache import KVCache, Keys
+from layers.kv_cache import KVCache
 from layers.linear import Dense
 from layers.mlp import GatedMLP
-from layers.norms import RMSNorm
 from layers.residual import Mixer, ResidualBlock
 from layers.rope import FREQUENCIES, STYLES, apply_rope
+from layers.shared_keys import OWN, Keys, SharedKeys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,11 +132,6 @@ class YOCOConfig(DecoderConfig):
   def rope(self) -> FrozenDict:
     return FrozenDict(base=self.rope_base, style=self.rope_style, frequencies=self.rope_frequencies)
 
-  @property
-  def residual_init_scale(self) -> float:
-    """Variance scale of the projections that write into the residual stream."""
-    return 1.0 / (2 * self.num_layers)
-
 
 def gated_retention(cfg: YOCOConfig, rngs: nnx.Rngs) -> GatedRetention:
   return GatedRetention(cfg.dim, cfg.self_heads, cfg.self_head_dim, chunk_size=cfg.retention_chunk_size,
@@ -157,18 +151,11 @@ SELF_MIXERS: dict[str, Callable[[YOCOConfig, nnx.Rngs], Mixer]] = {
     'gated_retention': gated_retention, 'sliding_window': sliding_window}
 
 
-@dataclasses.dataclass(frozen=True)
-class SharedKV:
-  """The global keys and values (RoPE applied) a cross layer attends into."""
-  keys: Keys     # [B, S, K, H] keys and values, each key's index and document [B, S]
-  own_row: bool  # the keys are exactly the queries' tokens (training): the attention kernels serve
-
-
 class CrossAttention(nnx.Module):
   """q = RoPE(x W_q); o = attention(q, the shared K, V) (causal, within the document); y = o W_o.
 
-  A mixer (layers/residual.py) whose third argument is the shared K/V, given
-  to every cross layer and returned unchanged: it has no decode state of its own.
+  A mixer (layers/residual.py) that reads the shared K/V, its fourth argument (SharedKeys whose payload is
+  (k, v), RoPE applied), the same for every cross layer; it keeps no decode state of its own.
   """
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, *, rope: FrozenDict, impl: str,
@@ -184,7 +171,7 @@ class CrossAttention(nnx.Module):
                      init_scale=out_init_scale, **common)
 
   def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> None:
-    del batch, max_len, dtype  # the shared K/V is the model's (YOCO.init_cache)
+    del batch, max_len, dtype  # the shared K/V is the model's (YOCO.init_shared_cache)
     return None
 
   def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
@@ -193,26 +180,20 @@ class CrossAttention(nnx.Module):
     keys = mean_visible_keys(document_lengths(seq_len, doc_lengths))
     return projections + attention_flops(self.num_heads, self.head_dim, keys)
 
-  def __call__(self, x: jax.Array, segments: Segments, kv: SharedKV) -> tuple[jax.Array, SharedKV]:
-    """x [B, T, D] at `segments` -> y [B, T, D], and `kv` as it came."""
+  def __call__(self, x: jax.Array, segments: Segments, cache: None,
+               shared: SharedKeys) -> tuple[jax.Array, None]:
+    """x [B, T, D] at `segments` -> y [B, T, D], attending into shared.payload = (k, v) [B, S, K, H]."""
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     q = sharding.constrain(apply_rope(self.query(x), segments.positions, **self.rope), heads)  # [B, T, N, H]
-    scale = self.head_dim ** -0.5
-    keys = kv.keys
-    if kv.own_row:
-      o = attention_ops.self_attention(q, keys.keys, keys.values, segments.index, segments.document, None, scale,
-                                       self.impl)
-    else:
-      o = attention_ops.attend_visible(q, keys.keys, keys.values, segments.index, segments.document, keys.index,
-                                       keys.documents, None, scale)
-    return self.out(sharding.constrain(o, heads)), kv
+    o = attention_ops.attend(q, segments, shared.attended(*shared.payload), None, self.head_dim ** -0.5, self.impl)
+    return self.out(sharding.constrain(o, heads)), cache
 
 
 def block(cfg: YOCOConfig, mixer: Mixer, rngs: nnx.Rngs) -> ResidualBlock:
   """Pre-RMSNorm residual block: the mixer, then SwiGLU."""
   mlp = GatedMLP(cfg.dim, cfg.mlp_dim, activation='silu', out_init_scale=cfg.residual_init_scale, rngs=rngs,
                  **cfg.dtypes)
-  return ResidualBlock(cfg.dim, mixer, mlp, norm_eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
+  return ResidualBlock(cfg.dim, mixer, mlp, norm=cfg.make_norm)
 
 
 def cross_attention(cfg: YOCOConfig, rngs: nnx.Rngs) -> CrossAttention:
@@ -220,16 +201,14 @@ def cross_attention(cfg: YOCOConfig, rngs: nnx.Rngs) -> CrossAttention:
                         out_init_scale=cfg.residual_init_scale, rngs=rngs, **cfg.dtypes)
 
 
-@flax.struct.dataclass
-class YOCOLayerCaches:
-  self_decoder: Any  # per self layer (stacked when scanned): the mixers' caches (RetentionCache or a window KVCache)
-  cross_kv: KVCache  # the one global K/V every cross layer reads
-
-
 @registry.register('yoco')
 class YOCO(Decoder):
-  """Self-decoder layers, the shared K/V, cross-decoder layers (the module docstring)."""
+  """The generic decoder: the self-decoder, the shared K/V (the shared-keys stage), the cross-decoder reading it
+  (the module docstring)."""
+
   Config = YOCOConfig
+  stacks = ('self_layers',)
+  reader_stacks = ('cross_layers',)
 
   def __init__(self, config: YOCOConfig, *, rngs: nnx.Rngs):
     self.config = cfg = config
@@ -237,52 +216,32 @@ class YOCO(Decoder):
     make_mixer = SELF_MIXERS[cfg.self_mixer]
     self.self_layers = stack.create_layers(lambda r: block(cfg, make_mixer(cfg, r), r), cfg.self_layers, rngs,
                                            scan=cfg.scan_layers)
-    self.kv_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
+    self.kv_norm = cfg.make_norm(cfg.dim)
     kv_names = (sharding.EMBED, sharding.KV_HEADS, sharding.HEAD_DIM)
     self.key = Dense(cfg.dim, (cfg.kv_heads, cfg.head_dim), names=kv_names, rngs=rngs, **cfg.dtypes)
     self.value = Dense(cfg.dim, (cfg.kv_heads, cfg.head_dim), names=kv_names, rngs=rngs, **cfg.dtypes)
     self.cross_layers = stack.create_layers(lambda r: block(cfg, cross_attention(cfg, r), r), cfg.cross_layers,
                                             rngs, scan=cfg.scan_layers)
-    self.final_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.dtypes['param_dtype'])
+    self.final_norm = cfg.make_norm(cfg.dim)
 
-  def run_layers(self, x: jax.Array, segments: Segments, caches: YOCOLayerCaches | None, *,
-                 last_only: bool = False) -> tuple[jax.Array, YOCOLayerCaches | None]:
-    """x [B, T, D] -> [B, T (1 with last_only), D]: self-decoder, the shared K/V (cached), cross-decoder."""
-    cfg = self.config
-    x, self_caches = stack.apply_layers(self.self_layers, x, None if caches is None else caches.self_decoder,
-                                        lambda layer, h, cache: layer(h, segments, cache),
-                                        scan=cfg.scan_layers, remat=cfg.remat)
-    kv, cross_kv = self.shared_kv(x, segments, None if caches is None else caches.cross_kv, own_row=not last_only)
-    queries = segments
-    if last_only:  # early exit: the cross-decoder runs for the last position only
-      x, queries = x[:, -1:], segments.last()
-    x, _ = stack.apply_layers(self.cross_layers, x, None, lambda layer, h, _: (layer(h, queries, kv)[0], None),
-                              scan=cfg.scan_layers, remat=cfg.remat)
-    return x, (None if caches is None else YOCOLayerCaches(self_decoder=self_caches, cross_kv=cross_kv))
-
-  def shared_kv(self, x: jax.Array, segments: Segments, cache: KVCache | None, *,
-                own_row: bool) -> tuple[SharedKV, KVCache | None]:
-    """K = RoPE(RMSNorm(x) W_K), V = RMSNorm(x) W_V of the self-decoder's output x [B, T, D], written to `cache`."""
+  def shared_keys(self, x: jax.Array, call: Call, cache: KVCache | None) -> tuple[SharedKeys, KVCache | None]:
+    """K = RoPE(RMSNorm(x) W_K), V = RMSNorm(x) W_V of the self-decoder's output x [B, T, D]: the call's
+    keys (training) or the cache's and the call's (decoding), and the cache with the call's written."""
     kv_heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_KV_HEADS, None)
+    segments = call.segments
     h = self.kv_norm(x)
     k = sharding.constrain(apply_rope(self.key(h), segments.positions, **self.config.rope), kv_heads)  # [B, T, K, H]
     v = sharding.constrain(self.value(h), kv_heads)                                                   # [B, T, K, H]
     if cache is None:
-      return SharedKV(Keys(k, v, segments.index, segments.document), own_row=own_row), None
-    visible, cache = cache.extend(k, v, segments.index, segments.document)
-    return SharedKV(visible, own_row=False), cache
+      keys = Keys(k, v, segments.index, segments.document, own=OWN)
+    else:
+      keys, cache = cache.extend(k, v, segments.index, segments.document)
+    return SharedKeys((keys.keys, keys.values), keys.index, keys.document, None, keys.own), cache
 
-  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype = jnp.bfloat16) -> ModelCache:
-    cfg = self.config
-    self_decoder = stack.init_caches(self.self_layers, cfg.self_layers, batch, max_len, dtype, scan=cfg.scan_layers)
-    cross_kv = KVCache.create(batch, max_len, cfg.kv_heads, cfg.head_dim, dtype, keeps_all=True)
-    return ModelCache(cursor=Cursor.create(batch), layers=YOCOLayerCaches(self_decoder=self_decoder, cross_kv=cross_kv),
-                      max_len=max_len)
+  def init_shared_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
+    """The one global K/V every cross layer reads."""
+    return KVCache.create(batch, max_len, self.config.kv_heads, self.config.head_dim, dtype, keeps_all=True)
 
-  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
-    cfg = self.config
-    self_decoder = stack.flops_per_token(self.self_layers, cfg.self_layers, seq_len, doc_lengths, scan=cfg.scan_layers)
-    shared_kv = 2 * cfg.dim * 2 * cfg.kv_heads * cfg.head_dim
-    cross_decoder = stack.flops_per_token(self.cross_layers, cfg.cross_layers, seq_len, doc_lengths,
-                                          scan=cfg.scan_layers)
-    return self_decoder + shared_kv + cross_decoder + self.io.flops_per_token()
+  def shared_flops_per_token(self) -> float:
+    """W_K and W_V, once per token for the whole cross-decoder."""
+    return 2 * self.config.dim * 2 * self.config.kv_heads * self.config.head_dim

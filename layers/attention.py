@@ -4,9 +4,10 @@ q = x W_q, k = x W_k, v = x W_v, rotated by RoPE at the token positions, then
 attention_ops (causal, document and window masks), then y = o W_o. With a
 cache the new keys are attended together with the cached ones and written
 into the cache (full KV, or a ring buffer of W slots for a window;
-KVCache.extend). A prompt that continues no cached document (a prefill into
-an empty cache) attends over its own tokens through the same kernels as
-training, so it never builds [T, T] scores on a GPU or TPU.
+KVCache.extend). attention_ops.attend picks the kernel path: a prompt that
+continues no cached document (a prefill into an empty cache) attends over its
+own tokens through the same kernels as training, so it never builds [T, T]
+scores on a GPU or TPU.
 """
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from layers.flops import Lengths, attention_flops, document_lengths, mean_visibl
 from layers.kv_cache import KVCache
 from layers.linear import Dense
 from layers.rope import apply_rope
+from layers.shared_keys import OWN, Keys
 
 
 class Attention(nnx.Module):
@@ -59,27 +61,15 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, segments: Segments,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """x [B, T, D] -> y [B, T, D], updated cache."""
-    positions, token_index, documents = segments.positions, segments.index, segments.document
+    positions = segments.positions
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     kv_heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_KV_HEADS, None)
     q = sharding.constrain(apply_rope(self.query(x), positions, **self.rope), heads)  # [B, T, N, H]
     k = sharding.constrain(apply_rope(self.key(x), positions, **self.rope), kv_heads)  # [B, T, K, H]
     v = sharding.constrain(self.value(x), kv_heads)                                   # [B, T, K, H]
-    scale = self.head_dim ** -0.5
-
-    def own_tokens():  # the kernels of training (cuDNN, splash) where they apply
-      return attention_ops.self_attention(q, k, v, token_index, documents, self.window, scale, self.impl)
-
     if cache is None:
-      o = own_tokens()
+      keys = Keys(k, v, segments.index, segments.document, own=OWN)
     else:
-      visible, cache_after = cache.extend(k, v, token_index, documents)
-
-      def with_cache():
-        return attention_ops.attend_visible(q, visible.keys, visible.values, token_index, documents, visible.index,
-                                            visible.documents, self.window, scale)
-
-      # A prompt (T > 1) that continues no cached document (e.g. into an empty cache) sees only its own tokens.
-      o = with_cache() if q.shape[1] == 1 else jax.lax.cond(cache.holds_document_of(documents), with_cache, own_tokens)
-      cache = cache_after
+      keys, cache = cache.extend(k, v, segments.index, segments.document)
+    o = attention_ops.attend(q, segments, keys, self.window, self.head_dim ** -0.5, self.impl)
     return self.out(sharding.constrain(o, heads)), cache

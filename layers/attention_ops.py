@@ -15,13 +15,18 @@ interpret mode elsewhere). The kernels serve self-attention over the queries'
 own row (`self_attention`); with a KV cache or other keys the XLA form runs.
 `auto` picks cuDNN when compiling for a GPU and splash when compiling for a TPU
 (kernel_sharding.compile_platform: the active mesh's devices), where they
-apply, and XLA otherwise.
+apply, and XLA otherwise. Which of the two a call takes is decided in one
+place, `choose_path`, from how its keys relate to its queries (`Keys.own`,
+layers/shared_keys.py); `attend` is that choice for keys and values as given.
 """
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
 from layers import kernel_sharding, sharding, splash_attention
-from layers.documents import PAD_DOCUMENT
+from layers.documents import PAD_DOCUMENT, Segments
+from layers.shared_keys import AFTER_CACHED, OWN, VISIBLE, Keys
 
 IMPLEMENTATIONS = ('xla', 'cudnn', 'splash', 'auto')
 _MASKED = -1e30  # finite, so a fully masked (padding) query gives a finite output
@@ -187,3 +192,44 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, token_index: jax.Ar
   if impl == 'splash':
     return splash_attention.splash_self_attention(q, k, v, documents, window, scale)
   return attend_visible(q, k, v, token_index, documents, token_index, documents, window, scale)
+
+
+def continues_earlier(earlier_document: jax.Array, documents: jax.Array) -> jax.Array:
+  """bool []: some earlier key (documents [B, S]) is of the document a row's first real query (documents
+  [B, T]) is in. Only a row's first document can continue from earlier keys (later ones start among the
+  queries), so when this is False no earlier key is visible to any query."""
+  first = jnp.min(jnp.where(documents >= 0, documents, jnp.iinfo(jnp.int32).max), axis=1)  # [B]
+  return jnp.any(earlier_document == first[:, None])
+
+
+def choose_path(own_tokens: Callable[[], jax.Array], other: Callable[[], jax.Array], own: str,
+                earlier_document: jax.Array | None, documents: jax.Array) -> jax.Array:
+  """The one choice of path for attention whose keys relate to its queries as `own` (layers/shared_keys.py):
+  OWN -> own_tokens() (self-attention over the queries' tokens: the training kernels serve);
+  AFTER_CACHED -> other() if some earlier key (`earlier_document` [B, S]) continues a query's document, else
+  own_tokens() (a prompt into an empty cache, or one that starts a document), decided on device (lax.cond);
+  VISIBLE -> other() (every key through the visibility mask)."""
+  if own == OWN:
+    return own_tokens()
+  if own == AFTER_CACHED:
+    return jax.lax.cond(continues_earlier(earlier_document, documents), other, own_tokens)
+  if own != VISIBLE:
+    raise ValueError(f'unknown relation of keys to queries {own!r}; known: {(OWN, AFTER_CACHED, VISIBLE)}')
+  return other()
+
+
+def attend(q: jax.Array, queries: Segments, keys: Keys, window: int | None, scale: float, impl: str) -> jax.Array:
+  """softmax(q k^T * scale + mask) v of queries q [B, T, N, H] at `queries` over `keys` ([B, S, K, H]) on the
+  path `choose_path` picks: `self_attention` (kernel `impl`) over the queries' own tokens, the last T keys,
+  or `attend_visible` over every key. -> [B, T, N, H]."""
+  length = q.shape[1]
+
+  def own_tokens() -> jax.Array:
+    return self_attention(q, keys.keys[:, -length:], keys.values[:, -length:], queries.index, queries.document,
+                          window, scale, impl)
+
+  def visible() -> jax.Array:
+    return attend_visible(q, keys.keys, keys.values, queries.index, queries.document, keys.index, keys.document,
+                          window, scale)
+
+  return choose_path(own_tokens, visible, keys.own, keys.document[:, :-length], queries.document)

@@ -55,7 +55,7 @@ from layers.linear import Dense
 from layers.mlp import ACTIVATIONS
 from layers.norms import RMSNorm
 from layers.param_roles import BIAS, NORM, STATE, param
-from layers.windowed_attention import Blocked, Keys, Layout, WindowedAttention, attend, l2_normalise
+from layers.windowed_attention import Blocked, Layout, WindowedAttention, WindowKeys, attend, l2_normalise
 
 GATES = ('fixed', 'lstm')
 VARIANTS = ('skip', 'single', 'dual')
@@ -277,7 +277,7 @@ class BlockRecurrentCell(nnx.Module):
 
   # -- drivers ---------------------------------------------------------------------------------
 
-  def blocked(self, layout: Layout, q2: jax.Array, keys: Keys, carry: RecurrentState,
+  def blocked(self, layout: Layout, q2: jax.Array, keys: WindowKeys, carry: RecurrentState,
               read_scale) -> tuple[jax.Array, RecurrentState]:
     """Scans the windows of a laid-out call: padded q2 [B, P, N, H] -> what the tokens read from
     the state [B, P, N, H], and the state after the call's last complete window."""
@@ -394,8 +394,8 @@ class BlockRecurrentAttention(WindowedAttention):
       read, carry = self.cell.blocked(keys.layout, keys.layout.place(q2), keys.keys, carry, self.read_scale())
       read = keys.layout.take(read)
     else:  # a few new tokens (decoding)
-      read, carry = self.cell.flat(q2, segments.index, segments.document, keys.k, keys.v, keys.index, keys.document,
-                                   carry, self.read_scale())
+      read, carry = self.cell.flat(q2, segments.index, segments.document, keys.keys, keys.values, keys.index,
+                                   keys.document, carry, self.read_scale())
     y = self.out(jnp.stack([attended, read], axis=2))  # [B, T, 2, N, H] -> [B, T, D]
     if cache is None:
       return y, None

@@ -32,9 +32,9 @@ class Segments:
   index: jax.Array      # [B, T] int32: index in the row (a cached call continues it)
   document: jax.Array   # [B, T] int32: document id (PAD_DOCUMENT on padding)
 
-  def last(self) -> 'Segments':
-    """The last token's place only ([B, 1] each)."""
-    return jax.tree.map(lambda a: a[:, -1:], self)
+  def last(self, n: int = 1) -> 'Segments':
+    """The last n tokens' places only ([B, n] each)."""
+    return jax.tree.map(lambda a: a[:, -n:], self)
 
 
 def locate(positions: jax.Array, cursor: Cursor | None = None) -> tuple[Segments, Cursor]:

@@ -29,9 +29,10 @@ row's `position_offset` (index - position of its last real token), so no
 per-slot bookkeeping is stored. `history` lays the slots out oldest first, so
 the cached tokens and the new ones form one consecutive stretch of the row.
 
-`GoldAttention` is a mixer (layers/residual.py) called with `GoldSegments`:
-the queries' Segments together with the shared streams (`GoldKV`) they attend
-over; its own cache is its token shift.
+`GoldAttention` is a mixer (layers/residual.py) whose fourth argument is the
+shared streams (`shared_streams`: a layers/shared_keys.SharedKeys whose payload
+is `GoldStreams`), built once per call by the model's shared-keys stage; its
+own cache is its token shift.
 """
 import flax.struct
 import jax
@@ -47,6 +48,7 @@ from layers.layer_norm import LayerNorm
 from layers.linear import Dense
 from layers.rope import apply_rope
 from layers.rwkv6 import constant, layer_ratios, lora, lora_uniform, lora_zeros, mix_profile, per_layer
+from layers.shared_keys import SharedKeys
 
 
 def rms(x: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -81,7 +83,7 @@ class GoldKeyCache:
   def history(self, next_index: jax.Array, document: jax.Array) -> dict:
     """The slots oldest first, for a row whose next token has index `next_index` [B] and whose
     last token was in document `document` [B]: inputs (token ids [B, S] or values [B, S, F]; 0 where
-    not current), compressed, index, documents, positions. Slots of earlier documents, padding and
+    not current), compressed, index, document, positions. Slots of earlier documents, padding and
     empty slots get document -1 (visible to nobody)."""
     index = next_index[:, None] - self.num_slots + jnp.arange(self.num_slots, dtype=jnp.int32)  # [B, S]
     slot = jnp.mod(index, self.num_slots)
@@ -94,7 +96,7 @@ class GoldKeyCache:
       inputs = jnp.where(current, tokens, 0)
     else:
       inputs = jnp.where(current[..., None], jnp.take_along_axis(self.values, slot[..., None], axis=1), 0)
-    return dict(inputs=inputs, compressed=compressed, index=index, documents=documents,
+    return dict(inputs=inputs, compressed=compressed, index=index, document=documents,
                 positions=jnp.where(current, positions, 0))
 
   def write(self, inputs: jax.Array, compressed: jax.Array, token_index: jax.Array,
@@ -119,20 +121,19 @@ class GoldKeyCache:
 # ---------------------------------------------------------------------------- shared keys
 
 @flax.struct.dataclass
-class GoldKV:
-  """What every GOLD layer reads: the key/value streams over the visible stretch of the row."""
+class GoldStreams:
+  """What every GOLD layer derives its keys and values from, over the visible stretch of the row."""
   keys: jax.Array         # [B, S, D] kd (decompressed keys)
   keys_prev: jax.Array    # [B, S, D] token shift of kd
   embeds: jax.Array       # [B, S, D] xo = rms(x0)
   embeds_prev: jax.Array  # [B, S, D] token shift of xo
-  index: jax.Array        # [B, S] int32
-  documents: jax.Array    # [B, S] int32 (-1: visible to nobody)
-  positions: jax.Array    # [B, S] int32 (RoPE)
 
 
-def shared_kv(keys: jax.Array, embeds: jax.Array, index: jax.Array, documents: jax.Array,
-              positions: jax.Array) -> GoldKV:
-  """Adds the token shifts: the previous element of the stretch when it is of the same document.
+def shared_streams(keys: jax.Array, embeds: jax.Array, index: jax.Array, document: jax.Array,
+                   positions: jax.Array, own: str) -> SharedKeys:
+  """The streams kd, xo [B, S, D] at token index, document and positions [B, S] (keys related to the
+  queries as `own`, layers/shared_keys.py), with their token shifts: the previous element of the stretch
+  when it is of the same document.
 
   The four streams [B, S, D] are pinned to the activation layout (batch over the data axes): left
   to sharding propagation, the program XLA partitioned (jax 0.10.2, Shardy and GSPMD alike) gave
@@ -140,23 +141,10 @@ def shared_kv(keys: jax.Array, embeds: jax.Array, index: jax.Array, documents: j
   mesh (tests/test_goldfinch.py and test_family_contract.py: sharded == one device)."""
   constrain = lambda x: sharding.constrain(x, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
   keys, embeds = constrain(keys), constrain(embeds)
-  keys_prev, _ = token_shift.token_shift(keys, documents)
-  embeds_prev, _ = token_shift.token_shift(embeds, documents)
-  return GoldKV(keys, constrain(keys_prev), embeds, constrain(embeds_prev), index, documents, positions)
-
-
-@flax.struct.dataclass
-class GoldSegments(Segments):
-  """Where a GOLD layer's queries sit (Segments) and the shared streams they attend over."""
-  kv: GoldKV
-
-  @classmethod
-  def of(cls, segments: Segments, kv: GoldKV) -> 'GoldSegments':
-    return cls(positions=segments.positions, index=segments.index, document=segments.document, kv=kv)
-
-  def last(self) -> 'GoldSegments':
-    """The last query's place ([B, 1] each); the key streams unchanged."""
-    return GoldSegments.of(Segments(self.positions, self.index, self.document).last(), self.kv)
+  keys_prev, _ = token_shift.token_shift(keys, document)
+  embeds_prev, _ = token_shift.token_shift(embeds, document)
+  streams = GoldStreams(keys, constrain(keys_prev), embeds, constrain(embeds_prev))
+  return SharedKeys(streams, index, document, positions, own)
 
 
 class KeyCompression(nnx.Module):
@@ -194,8 +182,8 @@ def gold_init(dim: int, layer: int, num_layers: int) -> dict[str, np.ndarray]:
 
 
 class GoldAttention(nnx.Module):
-  """One GOLD layer's attention (the equations above): a mixer over `GoldSegments`, whose cache is the
-  token shift of its queries' stream."""
+  """One GOLD layer's attention (the equations above): a mixer that reads the shared streams, whose cache
+  is the token shift of its queries' stream."""
 
   def __init__(self, dim: int, num_heads: int, head_dim: int, *, layer: int | jax.Array, num_layers: int,
                mix_rank: int = 32, kv_rank: int = 0, rope: bool = False, rope_base: float = 10000.0,
@@ -248,13 +236,13 @@ class GoldAttention(nnx.Module):
     keys = mean_visible_keys(document_lengths(seq_len, doc_lengths))
     return projections + keys_values + attention_flops(self.num_heads, self.head_dim, keys)
 
-  def keys_values(self, kv: GoldKV) -> tuple[jax.Array, jax.Array]:
+  def keys_values(self, streams: GoldStreams) -> tuple[jax.Array, jax.Array]:
     """This layer's k, v [B, S, N, H] from the shared streams."""
     d = self.dtype
-    xo, dxo = kv.embeds.astype(d), (kv.embeds_prev - kv.embeds).astype(d)
+    xo, dxo = streams.embeds.astype(d), (streams.embeds_prev - streams.embeds).astype(d)
     h = jnp.tanh(jnp.einsum('bsd,dmr->bsmr', xo + dxo * self.mix_c[...].astype(d), self.kv_lora_a[...].astype(d)))
     mk, mv = jnp.moveaxis(jnp.einsum('bsmr,mrd->bsmd', h, self.kv_lora_b[...].astype(d)), 2, 0)
-    kd, dkd = kv.keys.astype(d), (kv.keys_prev - kv.keys).astype(d)
+    kd, dkd = streams.keys.astype(d), (streams.keys_prev - streams.keys).astype(d)
     k = kd + dkd * (self.mix_k[...].astype(d) + mk)
     v = xo + dxo * (self.mix_v[...].astype(d) + mv)
     k = self.ln_k(k + lora(k, self.k_lora_a[...], self.k_lora_b[...], d))
@@ -262,27 +250,20 @@ class GoldAttention(nnx.Module):
     split = lambda a: a.reshape(*a.shape[:-1], self.num_heads, self.head_dim)
     return split(k), split(v)
 
-  def __call__(self, x: jax.Array, segments: GoldSegments,
-               cache: ConvState | None = None) -> tuple[jax.Array, ConvState | None]:
-    """x [B, T, D] at `segments`; keys over the S positions of segments.kv -> y [B, T, D], shift state.
-
-    Without a cache and with the keys exactly these T tokens (training), the training kernels may serve."""
-    positions, token_index, documents, kv = segments.positions, segments.index, segments.document, segments.kv
+  def __call__(self, x: jax.Array, segments: Segments, cache: ConvState | None,
+               shared: SharedKeys) -> tuple[jax.Array, ConvState | None]:
+    """x [B, T, D] at `segments`; keys over the S positions of `shared` (`shared_streams`) -> y [B, T, D],
+    shift state. The kernel path follows shared.own (attention_ops.attend)."""
     heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_HEADS, None)
     d = self.dtype
-    self_attention = cache is None and x.shape[1] == kv.keys.shape[1]
-    x_prev, cache = token_shift.token_shift(x, documents, cache)
+    x_prev, cache = token_shift.token_shift(x, segments.document, cache)
     dx = x_prev - x
     mq = lora(x + dx * self.mix_x[...].astype(x.dtype), self.q_lora_a[...], self.q_lora_b[...], d)
     q = self.ln_q(self.query(x + dx * (self.mix_q[...].astype(d) + mq)))     # [B, T, N, H]
-    k, v = self.keys_values(kv)                                               # [B, S, N, H]
+    k, v = self.keys_values(shared.payload)                                   # [B, S, N, H]
     if self.rope:
-      q = apply_rope(q, positions, base=self.rope_base)
-      k = apply_rope(k, kv.positions, base=self.rope_base)
+      q = apply_rope(q, segments.positions, base=self.rope_base)
+      k = apply_rope(k, shared.positions, base=self.rope_base)
     q, k, v = (sharding.constrain(a, heads) for a in (q, k, v))
-    scale = self.head_dim ** -0.5
-    if self_attention:  # the training kernels (cuDNN, splash) where they apply
-      o = attention_ops.self_attention(q, k, v, token_index, documents, None, scale, self.impl)
-    else:
-      o = attention_ops.attend_visible(q, k, v, token_index, documents, kv.index, kv.documents, None, scale)
+    o = attention_ops.attend(q, segments, shared.attended(k, v), None, self.head_dim ** -0.5, self.impl)
     return self.output(sharding.constrain(self.ln_x(o), heads)), cache

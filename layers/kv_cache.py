@@ -8,21 +8,12 @@ every token (`keeps_all`) written past its S slots would reuse them the same
 way and silently turn global attention into a sliding window: the model's
 cache reports it (architectures.base.ModelCache.overflowed) for callers to refuse.
 """
-from typing import NamedTuple
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from layers.documents import PAD_DOCUMENT
-
-
-class Keys(NamedTuple):
-  """Keys and values a call's queries attend to, with each key's token index and document."""
-  keys: jax.Array       # [B, S, K, H]
-  values: jax.Array     # [B, S, K, H]
-  index: jax.Array      # [B, S] int32
-  documents: jax.Array  # [B, S] int32, -1: visible to nobody
+from layers.shared_keys import AFTER_CACHED, VISIBLE, Keys
 
 
 @flax.struct.dataclass
@@ -69,23 +60,15 @@ class KVCache:
     not copied; exact while the cache holds every key the token may see (always for a window
     ring, whose overwritten slot is the one that just left the window; for a global cache while
     the context fits it, which the sampler ensures). More tokens: the slots as they were and the
-    new keys side by side, [S + T] (a ring may overwrite keys that earlier new tokens still see).
+    new keys side by side, [S + T] (a ring may overwrite keys that earlier new tokens still see):
+    the new tokens are the last T keys (AFTER_CACHED, layers/shared_keys.py).
     """
     written = self.write(keys, values, token_index, documents)
     if keys.shape[1] == 1:
       return Keys(written.keys.astype(keys.dtype), written.values.astype(values.dtype), written.slot_index,
-                  written.slot_document), written
+                  written.slot_document, own=VISIBLE), written
     side_by_side = Keys(jnp.concatenate([self.keys.astype(keys.dtype), keys], axis=1),      # [B, S + T, K, H]
                         jnp.concatenate([self.values.astype(values.dtype), values], axis=1),
                         jnp.concatenate([self.slot_index, token_index], axis=1),          # [B, S + T]
-                        jnp.concatenate([self.slot_document, documents], axis=1))
+                        jnp.concatenate([self.slot_document, documents], axis=1), own=AFTER_CACHED)
     return side_by_side, written
-
-  def holds_document_of(self, documents: jax.Array) -> jax.Array:
-    """bool scalar: some slot holds a token of a document these new tokens [B, T] continue.
-
-    Only a row's first real document can continue from the cache (later ones start in the call),
-    so when this is False no cached key is visible to the call and self-attention over the new
-    tokens alone is exact."""
-    first = jnp.min(jnp.where(documents >= 0, documents, jnp.iinfo(jnp.int32).max), axis=1)  # [B]
-    return jnp.any(self.slot_document == first[:, None])

@@ -21,9 +21,8 @@ out = sigmoid(W_r lerp(x, x_prev, mu_r)) * (W_v k).
 
 Both follow the mixer protocol (layers/residual.py: `(x, segments, cache)`,
 `init_cache`, `flops_per_token`); their cache is the token shift (and the
-time-mix's wkv state). `RWKVBlock` is the RWKV residual block around a mixer:
-LayerNorms, and the channel mix (RWKV's MLP) carries a token shift, so it is
-not layers/residual.ResidualBlock (RMSNorm, a stateless MLP).
+time-mix's wkv state). The RWKV block is layers/residual.ResidualBlock with
+LayerNorms and the channel mix as its MLP, which carries its token shift.
 
 Initial values follow the reference (layer-dependent lerp and decay profiles,
 LoRA A = 0 and B ~ U(+-0.01), ln_x scale ((layer + 1) / L)^0.7, key and gate at
@@ -48,7 +47,6 @@ from layers.flops import Lengths, attention_flops, mean_visible_keys
 from layers.layer_norm import LayerNorm
 from layers.linear import Dense
 from layers.param_roles import LORA, RECURRENCE, param
-from layers.residual import Mixer
 from layers.wkv import IMPLEMENTATIONS, wkv
 
 VARIANTS = ('finch', 'finch_c2')
@@ -269,43 +267,3 @@ class ChannelMix(nnx.Module):
     hidden = sharding.constrain(hidden, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_MLP))
     gate = jax.nn.sigmoid(self.receptance(token_shift.lerp(x, x_prev, self.mix_r[...].astype(x.dtype))))
     return gate * self.value(hidden), cache
-
-
-# ---------------------------------------------------------------------------- the block
-
-@flax.struct.dataclass
-class RWKVBlockCache:
-  mixer: Any         # the mixer's cache (time-mix: TimeMixCache; GOLD attention: its token shift)
-  mlp: ConvState     # the channel mix's token shift
-
-
-class RWKVBlock(nnx.Module):
-  """The RWKV residual block: h = x + mixer(LN(x)); out = h + ChannelMix(LN(h)).
-
-  The mixer is a time mix (Finch) or a GOLD attention (layers/gold_attention.py); the norms are
-  LayerNorms with a bias and the channel mix keeps a token shift, the two ways the block differs from
-  layers/residual.ResidualBlock. It follows the same layer protocol (call, init_cache, flops_per_token)
-  and the same parameter names (mixer_norm, mixer, mlp_norm, mlp)."""
-
-  def __init__(self, dim: int, mixer: Mixer, channel_mix: ChannelMix, *, norm_eps: float,
-               param_dtype: jnp.dtype = jnp.float32):
-    self.mixer_norm = LayerNorm(dim, eps=norm_eps, param_dtype=param_dtype)
-    self.mixer = mixer
-    self.mlp_norm = LayerNorm(dim, eps=norm_eps, param_dtype=param_dtype)
-    self.mlp = channel_mix
-
-  def __call__(self, x: jax.Array, segments: Segments,
-               cache: RWKVBlockCache | None = None) -> tuple[jax.Array, RWKVBlockCache | None]:
-    """x [B, T, D] -> [B, T, D], the updated caches."""
-    mixed, mixer_cache = self.mixer(self.mixer_norm(x), segments, None if cache is None else cache.mixer)
-    x = x + mixed
-    mixed, mlp_cache = self.mlp(self.mlp_norm(x), segments, None if cache is None else cache.mlp)
-    x = sharding.constrain(x + mixed, (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
-    return x, (None if cache is None else RWKVBlockCache(mixer=mixer_cache, mlp=mlp_cache))
-
-  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> RWKVBlockCache:
-    return RWKVBlockCache(mixer=self.mixer.init_cache(batch, max_len, dtype),
-                          mlp=self.mlp.init_cache(batch, max_len, dtype))
-
-  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
-    return self.mixer.flops_per_token(seq_len, doc_lengths) + self.mlp.flops_per_token(seq_len, doc_lengths)

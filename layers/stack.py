@@ -5,9 +5,15 @@ them with one `jax.lax.scan`, so compile time does not grow with depth; the
 per-layer decode caches are stacked the same way. `remat` names a
 `jax.checkpoint` policy that decides what the backward pass recomputes.
 Each layer follows the mixer protocol (layers/residual.py): `init_caches` and
-`flops_per_token` ask the layers themselves.
+`flops_per_token` ask the layers themselves, and a stack says itself whether it
+is scanned (an nnx.List is looped) and how deep it is.
+
+Layers of a repeating pattern of unlike blocks (Griffin's recurrent,
+recurrent, attention) are built in groups (`create_groups`): each group, one
+period of the pattern, is one `LayerGroup` layer, so the groups are alike and
+scan; the blocks that do not fill a whole period form a `tail` stack.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -15,7 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers import sharding
+from layers.documents import Segments
 from layers.flops import Lengths
+from layers.shared_keys import SharedKeys
 
 REMAT_POLICIES: dict[str, Any] = {
     'none': None,
@@ -48,9 +56,55 @@ def create_indexed_layers(make_layer: Callable[[int | jax.Array, nnx.Rngs], nnx.
   return make_stacked(rngs, jnp.arange(indices.start, indices.stop, dtype=jnp.int32))
 
 
+class LayerGroup(nnx.Module):
+  """Consecutive blocks, one per kind of `kinds` (one period of a block pattern): one layer of the mixer
+  protocol whose cache is the tuple of its blocks' caches."""
+
+  def __init__(self, make_block: Callable[[str, nnx.Rngs], nnx.Module], kinds: Sequence[str], rngs: nnx.Rngs):
+    self.blocks = nnx.List([make_block(kind, rngs) for kind in kinds])
+
+  def __call__(self, x: jax.Array, segments: Segments, caches: tuple | None,
+               shared: SharedKeys | None = None) -> tuple[jax.Array, tuple | None]:
+    """x [B, T, D] -> [B, T, D], the blocks' updated caches."""
+    new_caches = []
+    for i, block in enumerate(self.blocks):
+      x, cache = block(x, segments, None if caches is None else caches[i], shared)
+      new_caches.append(cache)
+    return x, (None if caches is None else tuple(new_caches))
+
+  def init_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> tuple:
+    return tuple(block.init_cache(batch, max_len, dtype) for block in self.blocks)
+
+  def flops_per_token(self, seq_len: int, doc_lengths: Lengths | None = None) -> float:
+    return sum(block.flops_per_token(seq_len, doc_lengths) for block in self.blocks)
+
+
+def create_groups(make_block: Callable[[str, nnx.Rngs], nnx.Module], pattern: Sequence[str], num_layers: int,
+                  rngs: nnx.Rngs, *, scan: bool) -> tuple[nnx.Module, nnx.List]:
+  """`num_layers` blocks of kinds `pattern` cycled, make_block(kind, rngs) each: (the groups, one LayerGroup
+  per whole period, stacked if `scan`; the tail, a list of one LayerGroup of the remaining blocks, or empty)."""
+  num_groups, tail = divmod(num_layers, len(pattern))
+  groups = create_layers(lambda r: LayerGroup(make_block, pattern, r), num_groups, rngs, scan=scan and num_groups > 0)
+  return groups, create_layers(lambda r: LayerGroup(make_block, pattern[:tail], r), int(tail > 0), rngs, scan=False)
+
+
+def scanned(layers: nnx.Module) -> bool:
+  """The layers are stacked on a leading axis (create_layers with scan), not a list."""
+  return not isinstance(layers, nnx.List)
+
+
+def depth(layers: nnx.Module | None) -> int:
+  """How many layers the stack holds (0 for None)."""
+  if layers is None:
+    return 0
+  if not scanned(layers):
+    return len(layers)
+  return jax.tree.leaves(nnx.state(layers, nnx.Param))[0].shape[0]
+
+
 def apply_layers(layers: nnx.Module, x: jax.Array, caches: Any, layer_fn: LayerFn, *,
-                 scan: bool, remat: str) -> tuple[jax.Array, Any]:
-  """Runs x through every layer; `caches` is per layer (stacked when `scan`) or None."""
+                 remat: str) -> tuple[jax.Array, Any]:
+  """Runs x through every layer; `caches` is per layer (stacked when scanned) or None."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f'unknown remat policy {remat!r}; known: {sorted(REMAT_POLICIES)}')
 
@@ -60,7 +114,7 @@ def apply_layers(layers: nnx.Module, x: jax.Array, caches: Any, layer_fn: LayerF
   if remat != 'none':
     one_layer = jax.checkpoint(one_layer, policy=REMAT_POLICIES[remat], static_argnums=(0,))
 
-  if scan:
+  if scanned(layers):
     graphdef, state = nnx.split(layers)
 
     def body(h, layer_inputs):
@@ -82,17 +136,16 @@ def stack_caches(cache: Any, num_layers: int) -> Any:
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_layers, *a.shape)), cache)
 
 
-def init_caches(layers: nnx.Module, num_layers: int, batch: int, max_len: int, dtype: jnp.dtype, *,
-                scan: bool) -> Any:
-  """Every layer's decode cache: stacked on a leading axis when `scan` (shapes from the stacked layer), else a list."""
-  if scan:
-    return stack_caches(layers.init_cache(batch, max_len, dtype), num_layers)
+def init_caches(layers: nnx.Module, batch: int, max_len: int, dtype: jnp.dtype) -> Any:
+  """Every layer's decode cache: stacked on a leading axis when scanned (shapes from the stacked layer), else a
+  list."""
+  if scanned(layers):
+    return stack_caches(layers.init_cache(batch, max_len, dtype), depth(layers))
   return [layer.init_cache(batch, max_len, dtype) for layer in layers]
 
 
-def flops_per_token(layers: nnx.Module, num_layers: int, seq_len: int, doc_lengths: Lengths | None, *,
-                    scan: bool) -> float:
+def flops_per_token(layers: nnx.Module, seq_len: int, doc_lengths: Lengths | None) -> float:
   """Forward FLOPs per token of all the layers (scanned layers are all alike)."""
-  if scan:
-    return num_layers * layers.flops_per_token(seq_len, doc_lengths)
+  if scanned(layers):
+    return depth(layers) * layers.flops_per_token(seq_len, doc_lengths)
   return sum(layer.flops_per_token(seq_len, doc_lengths) for layer in layers)

@@ -43,6 +43,7 @@ from layers.kv_cache import KVCache
 from layers.linear import Dense
 from layers.param_roles import BIAS, NORM, param
 from layers.rope import apply_rope
+from layers.shared_keys import AFTER_CACHED, OWN, Keys
 
 SPANS = ('sliding', 'block')
 POSITIONS = ('rope', 't5', 'none')
@@ -185,8 +186,9 @@ def from_ring(cache: KVCache, wanted: jax.Array) -> tuple[jax.Array, jax.Array, 
 
 
 @dataclasses.dataclass(frozen=True)
-class Keys:
-  """Keys and values of the padded layout (blocked form), with their index and document."""
+class WindowKeys:
+  """Keys and values of the padded layout (blocked form), with their index and document, and the window
+  before the first one (a flat call's keys are layers/shared_keys.Keys)."""
   k: jax.Array         # [B, P, K, H]
   v: jax.Array
   index: jax.Array     # [B, P]
@@ -197,7 +199,7 @@ class Keys:
 
 
 def layout_keys(layout: Layout, k: jax.Array, v: jax.Array, documents: jax.Array,
-                cache: KVCache | None) -> Keys:
+                cache: KVCache | None) -> WindowKeys:
   """The new keys/values placed in whole windows, completed from the cache (blocked form)."""
   batch, window = k.shape[0], layout.window
   if cache is None:
@@ -207,7 +209,7 @@ def layout_keys(layout: Layout, k: jax.Array, v: jax.Array, documents: jax.Array
   else:
     earlier = from_ring(cache, layout.index)
     prev = from_ring(cache, layout.previous_index())
-  return Keys(
+  return WindowKeys(
       k=layout.place(k, None if earlier[0] is None else earlier[0].astype(k.dtype)),
       v=layout.place(v, None if earlier[1] is None else earlier[1].astype(v.dtype)),
       index=layout.index,
@@ -219,16 +221,7 @@ def layout_keys(layout: Layout, k: jax.Array, v: jax.Array, documents: jax.Array
 class Blocked:
   """The keys a blocked call attended: its layout and the keys laid out in it."""
   layout: Layout
-  keys: Keys
-
-
-@dataclasses.dataclass(frozen=True)
-class Flat:
-  """The keys a flat call attended: the cache's slots, then the new tokens."""
-  k: jax.Array         # [B, L, K, H]
-  v: jax.Array
-  index: jax.Array     # [B, L]
-  document: jax.Array  # [B, L]
+  keys: WindowKeys
 
 
 class WindowedAttention(nnx.Module):
@@ -341,13 +334,14 @@ class WindowedAttention(nnx.Module):
     return jnp.moveaxis(bias, -1, -3)
 
   def attend_tokens(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: Segments,
-                    cache: KVCache | None) -> tuple[jax.Array, Blocked | Flat]:
+                    cache: KVCache | None) -> tuple[jax.Array, Blocked | Keys]:
     """q [B, T, N, H], k/v [B, T, K, H] -> the self-attention o [B, T, N, H], and the keys attended
-    (what the recurrent cell reads): flat for T < W new tokens after a cache, else blocked."""
+    (what the recurrent cell reads): flat for T < W new tokens after a cache (the cache's slots, then the
+    new tokens), else blocked. Over its own tokens (no cache, or a prompt that continues no cached
+    document: attention_ops.choose_path) a kernel serves where `kernel` names one."""
     token_index, documents = segments.index, segments.document
     if cache is not None and q.shape[1] < self.window:
-      o, *attended = self.flat(q, k, v, token_index, documents, cache)
-      return o, Flat(*attended)
+      return self.flat(q, k, v, token_index, documents, cache)
     layout = Layout.build(token_index, self.window, cached=cache is not None)
     keys = layout_keys(layout, k, v, documents, cache)
 
@@ -357,10 +351,10 @@ class WindowedAttention(nnx.Module):
     impl = self.kernel(q)
     if impl is None:
       o = blocked()
-    elif cache is None:
-      o = self.own_tokens(q, k, v, segments, impl)
-    else:  # a prompt that continues no cached document sees only its own tokens
-      o = jax.lax.cond(cache.holds_document_of(documents), blocked, lambda: self.own_tokens(q, k, v, segments, impl))
+    else:
+      own = OWN if cache is None else AFTER_CACHED
+      o = attention_ops.choose_path(lambda: self.own_tokens(q, k, v, segments, impl), blocked, own,
+                                    None if cache is None else cache.slot_document, documents)
     return o, Blocked(layout, keys)
 
   def kernel(self, q: jax.Array) -> str | None:
@@ -378,7 +372,7 @@ class WindowedAttention(nnx.Module):
       q, scale = q * scale.astype(q.dtype)[:, None], 1.0
     return attention_ops.self_attention(q, k, v, segments.index, segments.document, self.window, scale, impl)
 
-  def blocked(self, layout: Layout, q: jax.Array, keys: Keys) -> jax.Array:
+  def blocked(self, layout: Layout, q: jax.Array, keys: WindowKeys) -> jax.Array:
     """Padded queries [B, P, N, H] -> outputs [B, P, N, H]; window w attends to windows w - 1 and w."""
     w = self.window
     q_index, q_document = layout.windows(keys.index), layout.windows(keys.document)
@@ -391,9 +385,9 @@ class WindowedAttention(nnx.Module):
     return out.reshape(q.shape)
 
   def flat(self, q: jax.Array, k: jax.Array, v: jax.Array, token_index: jax.Array, documents: jax.Array,
-           cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+           cache: KVCache) -> tuple[jax.Array, Keys]:
     """New queries attend to the cache's slots and the new keys. Returns the outputs [B, T, N, H]
-    and the keys, values, indices and documents attended (cache slots, then the new tokens)."""
+    and the keys attended (cache slots, then the new tokens)."""
     all_k = jnp.concatenate([cache.keys.astype(k.dtype), k], axis=1)
     all_v = jnp.concatenate([cache.values.astype(v.dtype), v], axis=1)
     k_index = jnp.concatenate([cache.slot_index, token_index], axis=1)
@@ -401,4 +395,4 @@ class WindowedAttention(nnx.Module):
     mask = visible(token_index, documents, k_index, k_document, self.window, self.span)
     bias = self.bias(token_index[:, :, None] - k_index[:, None, :])
     out = attend(q, all_k, all_v, mask, self.self_scale(), bias)
-    return out, all_k, all_v, k_index, k_document
+    return out, Keys(all_k, all_v, k_index, k_document)

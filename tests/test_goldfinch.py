@@ -84,11 +84,11 @@ def test_early_exit_runs_the_gold_layers_on_the_last_2g_plus_1_positions(monkeyp
   m = model()
   seen = []
 
-  def record(self, x, *args, _original=goldfinch.RWKVBlock.__call__):
+  def record(self, x, *args, _original=goldfinch.ResidualBlock.__call__):
     seen.append((type(self.mixer).__name__, x.shape[1]))  # RWKV blocks: TimeMix; GOLD blocks: GoldAttention
     return _original(self, x, *args)
 
-  monkeypatch.setattr(goldfinch.RWKVBlock, '__call__', record)
+  monkeypatch.setattr(goldfinch.ResidualBlock, '__call__', record)
   prompt = (TOKENS[:, :PROMPT], POSITIONS[:, :PROMPT], m.init_cache(4, LENGTH, jnp.float32))
   logits, _ = jax.eval_shape(lambda: m(*prompt, last_only=True))
   assert logits.shape == (4, 1, VOCAB)
