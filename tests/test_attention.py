@@ -1,5 +1,6 @@
 """Attention: sliding window == full attention with a banded mask; documents and
-padding are never crossed; implementation switch errors are clear."""
+padding are never crossed; implementation switch errors are clear; the kernel path
+is chosen from how the keys relate to the queries."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,9 @@ from flax import nnx
 
 from layers import attention_ops
 from layers.attention import Attention
-from layers.documents import locate
+from layers.documents import Segments, locate
 from layers.rope import apply_rope
+from layers.shared_keys import AFTER_CACHED, OWN, VISIBLE, Keys
 from tests.helpers import packed_positions
 
 DIM, HEADS, KV_HEADS, HEAD_DIM = 16, 4, 2, 8
@@ -85,3 +87,28 @@ def test_document_segments_describe_each_run_for_the_packed_cudnn_call():
   np.testing.assert_array_equal(lengths[:2], [[3, 2, 8, 3], [16, -1, -1, -1]])
   np.testing.assert_array_equal(starts[:2], [[0, 3, 5, 13, -1], [0, -1, -1, -1, -1]])
   np.testing.assert_array_equal(runs, [4, 1, 16])  # the third row has more runs than described: dense-mask path
+
+
+def test_choose_path_serves_own_tokens_unless_an_earlier_key_continues_a_query_document():
+  """attention_ops.choose_path, the one choice of kernel path (layers/shared_keys.py): OWN and VISIBLE are
+  static; AFTER_CACHED takes the queries' own tokens unless an earlier key is of a query's first document,
+  and `attend` gives the visible-mask result either way."""
+  own, other = (lambda: jnp.zeros(())), (lambda: jnp.ones(()))
+  queries = jnp.asarray([[3, 3, 4]])  # the row's first real query is in document 3
+  assert attention_ops.choose_path(own, other, OWN, None, queries) == 0
+  assert attention_ops.choose_path(own, other, VISIBLE, None, queries) == 1
+  assert attention_ops.choose_path(own, other, AFTER_CACHED, jnp.asarray([[2, -1]]), queries) == 0
+  assert attention_ops.choose_path(own, other, AFTER_CACHED, jnp.asarray([[2, 3]]), queries) == 1
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, n, HEADS, HEAD_DIM)), jnp.float32) for n in (3, 5, 5))
+  k, v = k[:, :, :KV_HEADS], v[:, :, :KV_HEADS]
+  # Two cached slots, then the three queries' tokens (document 1): the slots empty, or earlier tokens of document 1.
+  for slot_index, slot_document, first in (([-1, -1], [-1, -1], 0), ([0, 1], [1, 1], 2)):
+    queries_at = Segments(positions=jnp.asarray([[0, 1, 2]]) + first, index=jnp.asarray([[0, 1, 2]]) + first,
+                          document=jnp.ones((1, 3), jnp.int32))
+    keys = Keys(k, v, jnp.concatenate([jnp.asarray([slot_index]), queries_at.index], axis=1),
+                jnp.concatenate([jnp.asarray([slot_document]), queries_at.document], axis=1), own=AFTER_CACHED)
+    expected = attention_ops.attend_visible(q, k, v, queries_at.index, queries_at.document, keys.index,
+                                            keys.document, None, HEAD_DIM ** -0.5)
+    np.testing.assert_allclose(attention_ops.attend(q, queries_at, keys, None, HEAD_DIM ** -0.5, 'xla'), expected,
+                               atol=1e-6)
