@@ -1,7 +1,6 @@
 """A workdir on an object store (--workdir=gs://bucket/run, the README's multi-host example), tested on a
 fake gs:// without network (tests/fake_gcs.py): every file goes through etils.epath, as orbax's do."""
 import json
-import os
 
 import pytest
 
