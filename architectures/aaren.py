@@ -1,7 +1,7 @@
 """Aaren (Feng et al. 2024): the Transformer with every attention replaced by Aaren.
 
 Same pre-norm blocks, MLP, embeddings and head as architectures/transformer.py;
-the mixer is layers/aaren.Aaren (a learned query per head and layer, softmax
+the mixer is layers/mixers/aaren.Aaren (a learned query per head and layer, softmax
 attention over the prefix computed as a prefix scan). Its decode cache is the
 (m, u, w) state of each layer, so `cache_bytes` does not grow with context.
 """
@@ -11,8 +11,8 @@ from flax import nnx
 
 from architectures import registry
 from architectures.transformer import Transformer, TransformerConfig
-from layers import aaren
-from layers.residual import Mixer
+from layers.blocks.residual import Mixer
+from layers.mixers import aaren
 
 
 @dataclasses.dataclass(frozen=True)

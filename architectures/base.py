@@ -16,7 +16,7 @@ cache continues the sequence, so prefill + single steps equals one call.
 Each family's config is a frozen dataclass built from `config.model` of the
 experiment config; unknown or inconsistent fields fail here, before any compile.
 Most families are an architectures/decoder.Decoder: a stack of mixers in
-pre-norm residual blocks (layers/residual.py).
+pre-norm residual blocks (layers/blocks/residual.py).
 """
 import dataclasses
 from collections.abc import Mapping
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layers.blocks.kv_cache import KVCache
 from layers.documents import Cursor
 from layers.flops import Lengths
-from layers.gold_attention import GoldKeyCache
-from layers.kv_cache import KVCache
+from layers.mixers.gold_attention import GoldKeyCache
 
 
 # XLA's GPU pipeline rewrites a dot with a vector operand below 10M elements (every projection of a
@@ -121,14 +121,14 @@ class AttentionHeads:
 
 class SequenceModel(nnx.Module):
   """Base class: families implement __call__, init_cache and flops_per_token, and keep their ends
-  (embedding in, logits out) in `self.io`, a TokenIO or SeriesIO (layers/model_io.py)."""
+  (embedding in, logits out) in `self.io`, a TokenIO or SeriesIO (layers/blocks/model_io.py)."""
 
   Config: ClassVar[type[ModelConfig]]
   # False where left padding changes a row's result (block-recurrent windows are aligned to the
   # row's token index, so padding moves the window boundaries): the sampler then decodes prompts
   # of different lengths in separate batches.
   left_padding_invariant: ClassVar[bool] = True
-  # XLA options for the sampler's generation program (trainers/sampling.generation_program); see
+  # XLA options for the sampler's generation program (trainers/inference/sampling.generation_program); see
   # DECODE_GEMV_OPTIONS for the one families use.
   decode_compiler_options: ClassVar[dict[str, str]] = {}
 

@@ -1,11 +1,11 @@
 """Block-Recurrent Transformer (Hutchins et al. 2022, arXiv 2203.07852;
 docs/architectures.md, Block-Recurrent Transformer).
 
-Pre-norm layers (the Transformer baseline's shape, layers/residual.py) whose attention is windowed:
+Pre-norm layers (the Transformer baseline's shape, layers/blocks/residual.py) whose attention is windowed:
 each window of `window` tokens attends to itself and the previous window, whose keys and values
-come from a Transformer-XL cache (layers/windowed_attention.py). The layers at `recurrent_layers`
+come from a Transformer-XL cache (layers/mixers/windowed_attention.py). The layers at `recurrent_layers`
 (default: the third from the top, meliad's -3) also carry `num_states` state vectors through the
-block-recurrent cell (layers/block_recurrent.py):
+block-recurrent cell (layers/mixers/block_recurrent.py):
     a = [SelfAttention(RMSNorm(x)) | ReadState(RMSNorm(x))]   (the second part in recurrent layers)
     h = x + a W_o;   out = h + GatedMLP(RMSNorm(h))
 then a final RMSNorm and the logits (or forecasts, `input_features` > 0). Every layer's decode cache
@@ -14,7 +14,7 @@ holds its state (float32) and the document the state belongs to. A call continue
 any cache: windows are aligned to token indices, the state advances at every window boundary the
 call crosses, also when decoding token by token, and a long-document stream (config.streaming)
 carries the cache between segments. `attention_impl` picks the kernel of a call's self-attention over
-its own tokens where the kernels' mask is the windowed one (layers/windowed_attention.py).
+its own tokens where the kernels' mask is the windowed one (layers/mixers/windowed_attention.py).
 """
 import dataclasses
 from typing import ClassVar
@@ -24,10 +24,10 @@ from flax import nnx
 from architectures import registry
 from architectures.base import AttentionHeads
 from architectures.decoder import Decoder, DecoderConfig
-from layers.block_recurrent import GATES, VARIANTS, BlockRecurrentAttention
-from layers.mlp import ACTIVATIONS, GatedMLP
-from layers.residual import ResidualBlock
-from layers.windowed_attention import POSITIONS, SPANS, WindowedAttention, kernel_mask
+from layers.blocks.mlp import ACTIVATIONS, GatedMLP
+from layers.blocks.residual import ResidualBlock
+from layers.mixers.block_recurrent import GATES, VARIANTS, BlockRecurrentAttention
+from layers.mixers.windowed_attention import POSITIONS, SPANS, WindowedAttention, kernel_mask
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,9 +14,9 @@ compiling with the family's reason.
     x = layer(x, shared)                         for each layer of the `reader_stacks`
     logits = io.logits(final_norm(x))
 
-each layer following the mixer protocol (layers/residual.py), so caches and
+each layer following the mixer protocol (layers/blocks/residual.py), so caches and
 FLOPs come from the layers themselves. A family declares its parts: `io`,
-`final_norm`, the attributes holding its layer stacks (layers/stack.py: a
+`final_norm`, the attributes holding its layer stacks (layers/blocks/stack.py: a
 list, scanned layers, or groups of a block pattern), and where it has one, the
 shared-keys stage (`shared_keys`, `init_shared_cache`,
 `shared_flops_per_token`, `reader_window`) and an `embed` of its own.
@@ -30,15 +30,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from architectures.base import ModelCache, ModelConfig, SequenceModel
-from layers import attention_ops, stack
+from layers.blocks import stack
+from layers.blocks.layer_norm import LayerNorm
+from layers.blocks.model_io import make_io
+from layers.blocks.norms import RMSNorm
+from layers.blocks.series_io import SeriesIO
+from layers.blocks.shared_keys import SharedKeys
+from layers.blocks.token_io import TokenIO
 from layers.documents import Cursor, Segments, locate
 from layers.flops import Lengths
-from layers.layer_norm import LayerNorm
-from layers.model_io import make_io
-from layers.norms import RMSNorm
-from layers.series_io import SeriesIO
-from layers.shared_keys import SharedKeys
-from layers.token_io import TokenIO
+from layers.kernels import attention_ops
 
 # DecoderConfig.norm -> the family's norm (its blocks', the final one, YOCO's K/V and GoldFinch's embedding norm).
 NORMS = {
@@ -65,11 +66,11 @@ class DecoderConfig(ModelConfig):
   tie_embeddings: bool = False
   logits_soft_cap: float = 0.0  # 0: none; c > 0: c * tanh(logits / c)
   norm_eps: float = 1e-6
-  attention_impl: str = 'auto'  # attention kernel: layers/attention_ops.IMPLEMENTATIONS
+  attention_impl: str = 'auto'  # attention kernel: layers/kernels/attention_ops.IMPLEMENTATIONS
   dtype: str = 'bfloat16'       # compute
   param_dtype: str = 'float32'
   scan_layers: bool = False     # True: one lax.scan over alike layers (compile time flat in depth)
-  remat: str = 'none'           # layers/stack.REMAT_POLICIES
+  remat: str = 'none'           # layers/blocks/stack.REMAT_POLICIES
 
   def __post_init__(self):
     family = type(self).__name__.removesuffix('Config')

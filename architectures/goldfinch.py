@@ -1,6 +1,6 @@
 """GoldFinch (Goldstein et al. 2024, arXiv 2407.12077) and Finch (RWKV-6), docs/architectures.md, GoldFinch.
 
-Pre-norm residual blocks with LayerNorms and the channel mix as MLP (the RWKV layout, layers/residual.py):
+Pre-norm residual blocks with LayerNorms and the channel mix as MLP (the RWKV layout, layers/blocks/residual.py):
 
     x = LN0(E[token]);  x0 = x                        (x0: the normalised token embedding)
     x = x + TimeMix(LN1(x));  x = x + ChannelMix(LN2(x))          layers 0 .. F-1 (RWKV-6)
@@ -11,9 +11,9 @@ Pre-norm residual blocks with LayerNorms and the channel mix as MLP (the RWKV la
 F = int(2L / 3) by default (`gold_layers=-1`; the reference's inv_other_layer_ratio 3); the
 RWKV layers are Finch-C2 (`time_mix='finch_c2'`) in GoldFinch. `gold_layers=0` makes the
 whole stack RWKV: with `time_mix='finch'` that is Finch (RWKV-6, the paper's baseline),
-with 'finch_c2' the Finch-C2 ablation. Layers live in layers/rwkv6.py, layers/wkv.py,
-layers/token_shift.py and layers/gold_attention.py. With `input_features` F > 0 the ends
-are a forecaster's (layers/series_io.py): E[token] is the values' projection.
+with 'finch_c2' the Finch-C2 ablation. Layers live in layers/mixers/rwkv6.py, layers/mixers/wkv.py,
+layers/blocks/token_shift.py and layers/mixers/gold_attention.py. With `input_features` F > 0 the ends
+are a forecaster's (layers/blocks/series_io.py): E[token] is the values' projection.
 
 Decode cache, per batch row, for a context of n tokens (b bytes per element of the
 cache dtype; H = head size, N = D / H heads, F RWKV and G GOLD layers):
@@ -49,13 +49,14 @@ from flax import nnx
 from architectures import registry
 from architectures.base import ModelConfig
 from architectures.decoder import Call, Decoder, DecoderConfig
-from layers import sharding, stack
-from layers.gold_attention import GoldAttention, GoldKeyCache, KeyCompression, rms, shared_streams
-from layers.pallas_wkv import supports as fused_wkv_supports
-from layers.residual import ResidualBlock
-from layers.rwkv6 import VARIANTS, ChannelMix, TimeMix
-from layers.shared_keys import AFTER_CACHED, OWN, SharedKeys
-from layers.wkv import IMPLEMENTATIONS as WKV_IMPLEMENTATIONS
+from layers import sharding
+from layers.blocks import stack
+from layers.blocks.residual import ResidualBlock
+from layers.blocks.shared_keys import AFTER_CACHED, OWN, SharedKeys
+from layers.kernels.pallas_wkv import supports as fused_wkv_supports
+from layers.mixers.gold_attention import GoldAttention, GoldKeyCache, KeyCompression, rms, shared_streams
+from layers.mixers.rwkv6 import VARIANTS, ChannelMix, TimeMix
+from layers.mixers.wkv import IMPLEMENTATIONS as WKV_IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +168,7 @@ class GoldFinch(Decoder):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     """x0 = LN0(E[token]) [B, T, D]: the residual stream's start and the GOLD key/value source
-    (in the activation layout, as the GOLD streams: see layers/gold_attention.shared_streams)."""
+    (in the activation layout, as the GOLD streams: see layers/mixers/gold_attention.shared_streams)."""
     return sharding.constrain(self.embed_norm(self.io.embed_tokens(tokens)),
                               (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
 

@@ -1,6 +1,6 @@
 """Griffin and Hawk (De et al. 2024, arXiv 2402.19427; RecurrentGemma).
 
-Residual blocks (pre-norm, zero-centred RMSNorm; layers/residual.ResidualBlock):
+Residual blocks (pre-norm, zero-centred RMSNorm; layers/blocks/residual.ResidualBlock):
     r = x + Mixer(RMSNorm(x));  out = r + GeGLU-MLP(RMSNorm(r))
 where the mixer of each layer follows `block_pattern`, cycled over the layers:
   'r'  recurrent block: y = gelu(W_y x); u = RG-LRU(Conv1D(W_x x)) (eqs. 1-4); out = W_out(u * y)
@@ -11,11 +11,11 @@ final RMSNorm and logits tied to the embedding, soft-capped at `logits_soft_cap`
 Token embeddings are scaled by sqrt(D) rounded to bf16 on input only (as RecurrentGemma;
 TokenIO, built by cfg.make_io; a forecasting model's SeriesIO has no such scale).
 Init (docs/architectures.md, Griffin): dense layers fan-in normal (truncated, as all of
-layers/linear.py) with variance scale 2 / num_layers for each block's last
+layers/blocks/linear.py) with variance scale 2 / num_layers for each block's last
 projection (W_out, attention out, MLP down), conv kernel 0.01 / width,
 embedding std 1/sqrt(D), RG-LRU a uniform on the ring [0.9, 0.999].
 
-Layers are built in groups of len(block_pattern) (layers/stack.create_groups:
+Layers are built in groups of len(block_pattern) (layers/blocks/stack.create_groups:
 each group the same shape), so `scan_layers` can run the groups with one
 lax.scan; the layers that do not fill a whole group form the `tail`. Decode cache per layer: RG-LRU state
 (float32) + the conv's last inputs for a recurrent block, a ring buffer of
@@ -34,16 +34,17 @@ from flax import nnx
 from architectures import registry
 from architectures.base import DECODE_GEMV_OPTIONS
 from architectures.decoder import Decoder, DecoderConfig
-from layers import sharding, stack
-from layers.attention import Attention
-from layers.conv1d import CausalConv1D, ConvState
+from layers import sharding
+from layers.blocks import stack
+from layers.blocks.conv1d import CausalConv1D, ConvState
+from layers.blocks.linear import Dense
+from layers.blocks.mlp import GatedMLP
+from layers.blocks.residual import Mixer, ResidualBlock
 from layers.documents import Segments
 from layers.flops import Lengths
-from layers.linear import Dense
-from layers.mlp import GatedMLP
-from layers.residual import Mixer, ResidualBlock
-from layers.rg_lru import IMPLEMENTATIONS as LRU_IMPLEMENTATIONS
-from layers.rg_lru import RGLRU
+from layers.mixers.attention import Attention
+from layers.mixers.rg_lru import IMPLEMENTATIONS as LRU_IMPLEMENTATIONS
+from layers.mixers.rg_lru import RGLRU
 
 RECURRENT, ATTENTION = 'r', 'a'
 

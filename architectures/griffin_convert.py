@@ -6,7 +6,7 @@
     model = architectures.create_model(dict(name='griffin', **fields), nnx.Rngs(0))
     griffin_convert.load_reference_params(model, params)
 
-Mapping (recurrentgemma `blocks.<i>` -> our layer i, a layers/residual.ResidualBlock; layers sit in
+Mapping (recurrentgemma `blocks.<i>` -> our layer i, a layers/blocks/residual.ResidualBlock; layers sit in
 groups of len(block_pattern), `groups.<g>.blocks.<j>`, the rest in `tail.0.blocks.<j>`):
   embedder.input_embedding               -> io.embed.table
   temporal_pre_norm / channel_pre_norm   -> mixer_norm / mlp_norm

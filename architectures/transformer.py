@@ -13,11 +13,11 @@ from flax import nnx
 from architectures import registry
 from architectures.base import DECODE_GEMV_OPTIONS, AttentionHeads
 from architectures.decoder import Decoder, DecoderConfig
-from layers import stack
-from layers.attention import Attention
-from layers.mlp import ACTIVATIONS, GatedMLP
-from layers.residual import Mixer, ResidualBlock
-from layers.rope import STYLES, rotary_dims
+from layers.blocks import stack
+from layers.blocks.mlp import ACTIVATIONS, GatedMLP
+from layers.blocks.residual import Mixer, ResidualBlock
+from layers.blocks.rope import STYLES, rotary_dims
+from layers.mixers.attention import Attention
 
 
 @dataclasses.dataclass(frozen=True)

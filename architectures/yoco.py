@@ -13,7 +13,7 @@ document) into that shared K/V:
     x = x + CrossAttention_j(RMSNorm(x); K, V);  x = x + SwiGLU(RMSNorm(x))   j < L - L_self
     logits = RMSNorm(x) W_out                                     (untied by default)
 
-Both decoders stack layers/residual.ResidualBlock: the self-decoder's mixer is
+Both decoders stack layers/blocks/residual.ResidualBlock: the self-decoder's mixer is
 GatedRetention or sliding-window Attention, the cross-decoder's is
 CrossAttention, whose third argument is the shared K/V instead of a cache of
 its own. With `input_features > 0` the ends are the forecasting SeriesIO.
@@ -47,17 +47,19 @@ from flax.core import FrozenDict
 
 from architectures import registry
 from architectures.decoder import Call, Decoder, DecoderConfig
-from layers import attention_ops, sharding, stack
-from layers.attention import Attention
+from layers import sharding
+from layers.blocks import stack
+from layers.blocks.kv_cache import KVCache
+from layers.blocks.linear import Dense
+from layers.blocks.mlp import GatedMLP
+from layers.blocks.residual import Mixer, ResidualBlock
+from layers.blocks.rope import FREQUENCIES, STYLES, apply_rope
+from layers.blocks.shared_keys import OWN, Keys, SharedKeys
 from layers.documents import Segments
 from layers.flops import Lengths, attention_flops, document_lengths, mean_visible_keys
-from layers.gated_retention import GatedRetention
-from layers.kv_cache import KVCache
-from layers.linear import Dense
-from layers.mlp import GatedMLP
-from layers.residual import Mixer, ResidualBlock
-from layers.rope import FREQUENCIES, STYLES, apply_rope
-from layers.shared_keys import OWN, Keys, SharedKeys
+from layers.kernels import attention_ops
+from layers.mixers.attention import Attention
+from layers.mixers.gated_retention import GatedRetention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +156,7 @@ SELF_MIXERS: dict[str, Callable[[YOCOConfig, nnx.Rngs], Mixer]] = {
 class CrossAttention(nnx.Module):
   """q = RoPE(x W_q); o = attention(q, the shared K, V) (causal, within the document); y = o W_o.
 
-  A mixer (layers/residual.py) that reads the shared K/V, its fourth argument (SharedKeys whose payload is
+  A mixer (layers/blocks/residual.py) that reads the shared K/V, its fourth argument (SharedKeys whose payload is
   (k, v), RoPE applied), the same for every cross layer; it keeps no decode state of its own.
   """
 

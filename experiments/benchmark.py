@@ -20,13 +20,13 @@ keys within its own document: cuDNN skips other documents' key blocks),
 `mfu_maxtext` MaxText's formula (full causal attention over each row), with
 their `train_flops_per_token` and `train_flops_per_token_maxtext`.
 `--mode=decode`: what users run, the sampler's one jitted generation call
-(prefill + `--new_tokens` tokens; trainers/measure_decode.py), at each context
+(prefill + `--new_tokens` tokens; trainers/measurement/decode_speed.py), at each context
 (prompt + new tokens) and batch size: prefill time, decode tokens/s and ms per
 token, the program's memory and the cache's bytes; `--max_batch` adds the
 largest batch that fits at each context (the Griffin paper's throughput curve:
 experiments/plot_decode.py draws it from several outputs). The prompt is
 prefilled `config.prefill_chunk` tokens per call (0: at once).
-`--mode=op`: forward + backward time of one operator (trainers/measure_ops.py)
+`--mode=op`: forward + backward time of one operator (trainers/measurement/op_speed.py)
 at `--op_shape` = B,T,H,D (the RG-LRU's width is H x D); no config needed.
 `--peer`: also times the family's peer (experiments/peers) at the same shape
 in the same run, and reports our tokens/s over the peer's (decode: its own
@@ -49,10 +49,9 @@ import jax
 from experiments import flag_parsing
 from experiments.peers import (PEER_MODULES, benchmark_decode_peer, benchmark_operator_peer, benchmark_peer,
                                peer_docs_per_row, with_peer_ratios)
-from trainers.logs import quiet_library_logs
-from trainers.measure import benchmark_train_step
-from trainers.measure_decode import benchmark_decode
-from trainers.measure_ops import OPERATORS, benchmark_operator
+from trainers.measurement.decode_speed import benchmark_decode
+from trainers.measurement.op_speed import OPERATORS, benchmark_operator
+from trainers.measurement.train_speed import benchmark_train_step
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
 _TIMED_STEPS = flags.DEFINE_integer('timed_steps', 10, 'Train and op modes: timed steps (median).')
@@ -118,10 +117,7 @@ def _decode_results() -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_library_logs()
+def main():
   if _PEER.value:  # a PyTorch peer shares the GPU with this process: JAX must not take 75% of it up front
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   if _MODE.value == 'op':

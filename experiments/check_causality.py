@@ -6,20 +6,19 @@ For each config (experiments/configs/<name>.py:<size>, its dtype and `attention_
 takes cuDNN attention and the fused recurrence kernels on a GPU) with random weights, two rows of
 seq_len tokens: replacing the tokens from ~53% of the row on must move no earlier logit, and
 replacing the first document of a packed row must move no logit of the second
-(trainers/causality.py). Streaming configs are probed through a carried cache too. A probe holds
+(trainers/measurement/causality.py). Streaming configs are probed through a carried cache too. A probe holds
 when its leak is at most `--tolerance` x its effect (bf16: the summation order of a kernel may
 differ between the two passes); tests/test_causality.py runs the same probes on CPU in float32.
 """
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 from experiments import configs, flag_parsing
-from trainers import causality
 from trainers.experiment import Experiment
-from trainers.logs import quiet_library_logs
+from trainers.measurement import causality
 
 _CONFIGS = flags.DEFINE_list('configs', configs.NAMES, 'Config names under experiments/configs.')
 _SIZE = flags.DEFINE_string('size', 'small', 'Size variant of every config.')
@@ -43,10 +42,7 @@ def check_config(name: str, size: str, seq_len: int, tolerance: float) -> dict:
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_library_logs()
+def main():
   results = []
   for name in _CONFIGS.value:
     results.append(check_config(name, _SIZE.value, _SEQ_LEN.value, _TOLERANCE.value))

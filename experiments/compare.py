@@ -55,12 +55,11 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from experiments import compare_plots, configs, flag_parsing
-from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
-from trainers.logs import quiet_library_logs
-from trainers.measure_decode import benchmark_decode, human_bytes
+from trainers.measurement.decode_speed import benchmark_decode, human_bytes
 from trainers.run_config import recorded
-from trainers.train_loop import train
+from trainers.training.evaluator import evaluate_checkpoint
+from trainers.training.train_loop import train
 
 ALL = configs.NAMES
 EVAL_TASKS = ('mqar', 'passkey')
@@ -345,10 +344,7 @@ def markdown_table(results: list[dict], size: str, steps: int | None, tokens: in
   return '\n'.join(lines + spread_table(results)) + '\n'
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_library_logs()
+def main():
   try:
     variants = parse_variants(_VARIANTS.value)
   except ValueError as e:

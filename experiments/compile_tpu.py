@@ -12,12 +12,11 @@ import os
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for TPU; nothing runs here
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from experiments import flag_parsing  # noqa: E402
-from trainers.logs import quiet_library_logs  # noqa: E402
-from trainers.tpu_compile import compile_report, largest_batch  # noqa: E402
+from trainers.measurement.tpu_compile import compile_report, largest_batch  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5e:2x4', 'TPU topology, e.g. v5e:2x4, v5p:2x2x1, v4:2x2x1.')
@@ -25,11 +24,7 @@ _SEARCH = flags.DEFINE_bool('search_batch', False, 'Also find the largest batch 
 _CONTEXT = flags.DEFINE_integer('decode_context', None, 'Decode cache length (default: seq_len).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON report.')
 
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_library_logs()
+def main():
   report = compile_report(_CONFIG.value, _TOPOLOGY.value, decode_context=_CONTEXT.value)
   if _SEARCH.value:
     report['largest_batch_that_fits'] = largest_batch(_CONFIG.value, _TOPOLOGY.value)
@@ -37,7 +32,6 @@ def main(argv):
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
       json.dump(report, f, indent=2)
-
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')

@@ -16,14 +16,13 @@ on the held-out split, loss by position, longer rows, task scores, and the
 unigram entropy of the training corpus for scale. Logs its progress.
 """
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import distributed_flags, flag_parsing
 
-from trainers.evaluator import evaluate_checkpoint, write_results
-from trainers.logs import quiet_library_logs
 from trainers.run_config import config_for
+from trainers.training.evaluator import evaluate_checkpoint, write_results
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, "Experiment config file[:size] (default: the workdir's).",
                                           lock_config=True)
@@ -35,10 +34,7 @@ _OTHER_DATASET = flags.DEFINE_bool('other_dataset', False, "Evaluate on --config
                                    'the one the workdir was trained on.')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_library_logs()
+def main():
   distributed_flags.maybe_initialize()
   config = config_for(_WORKDIR.value, _CONFIG.value, check_dataset=not _OTHER_DATASET.value,
                       data_flag='--other_dataset')

@@ -1,5 +1,6 @@
 """`run`: absl's app.run for the binaries, with a flag parser that reports an override of an unknown
-config field (`--config.model.foo=1`) in one line instead of ml_collections' chained traceback."""
+config field (`--config.model.foo=1`) in one line instead of ml_collections' chained traceback, and the
+preamble every binary shares."""
 import re
 import sys
 from collections.abc import Callable
@@ -7,6 +8,7 @@ from collections.abc import Callable
 from absl import app, flags
 
 from trainers.config_validation import unknown_field
+from trainers.logs import quiet_library_logs
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -36,6 +38,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """app.run(main) with `parse_flags`."""
-  app.run(main, flags_parser=parse_flags)
+def run(main: Callable[[], None]) -> None:
+  """app.run with `parse_flags`, then the preamble every binary shares (no stray positional arguments,
+  library logs quieted), then main()."""
+  def with_preamble(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    quiet_library_logs()
+    main()
+
+  app.run(with_preamble, flags_parser=parse_flags)

@@ -9,7 +9,7 @@ throughput-versus-context curve when every file was run with --max_batch.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from experiments import flag_parsing
 from experiments.compare_plots import line_plot
@@ -31,9 +31,7 @@ def throughput_by_context(result: dict) -> tuple[list[int], list[float]]:
   return contexts, [best[c]['decode_tokens_per_s'] for c in contexts]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+def main():
   series = {}
   for path in _INPUTS.value:
     with open(path) as f:

@@ -10,16 +10,15 @@ together (left-padded); each stops at the end-of-document token or after
 trainer). A --top_k over the model's vocabulary is refused before it loads.
 """
 import jax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
 from experiments import distributed_flags, flag_parsing
 from trainers.checkpoints import read_checkpoint
 from trainers.experiment import Experiment
-from trainers.logs import quiet_library_logs
+from trainers.inference.sampling import generate
 from trainers.run_config import config_for
-from trainers.sampling import generate
 from trainers.tokenizer import ByteTokenizer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, "Experiment config file[:size] (default: the workdir's).",
@@ -36,10 +35,7 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest usable).')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_library_logs()
+def main():
   distributed_flags.maybe_initialize()
   config = config_for(_WORKDIR.value, _CONFIG.value, check_dataset=False)
   if _TOP_K.value > config.model.vocab_size:

@@ -8,13 +8,12 @@ DIR may be on any filesystem etils.epath knows (gs://...). One trainer holds
 DIR at a time (DIR/lock); --force_unlock takes the lock of one that is gone
 from another host.
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import distributed_flags, flag_parsing
 
-from trainers.logs import quiet_library_logs
-from trainers.train_loop import train
+from trainers.training.train_loop import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.', required=True)
@@ -24,10 +23,7 @@ _FORCE_UNLOCK = flags.DEFINE_bool('force_unlock', False, "Take over --workdir's 
                                   'runs (needed only for one on another host; a dead local one is detected).')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_library_logs()
+def main():
   distributed_flags.maybe_initialize()
   train(_CONFIG.value, _WORKDIR.value, restart=_RESTART.value, force_unlock=_FORCE_UNLOCK.value)
 

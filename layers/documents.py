@@ -27,7 +27,7 @@ class Cursor:
 
 @flax.struct.dataclass
 class Segments:
-  """The place of a call's tokens, what every mixer is given besides its input (layers/residual.py)."""
+  """The place of a call's tokens, what every mixer is given besides its input (layers/blocks/residual.py)."""
   positions: jax.Array  # [B, T] int32: index in the document (restarts at 0; -1 on padding)
   index: jax.Array      # [B, T] int32: index in the row (a cached call continues it)
   document: jax.Array   # [B, T] int32: document id (PAD_DOCUMENT on padding)

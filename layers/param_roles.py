@@ -1,7 +1,7 @@
 """What each parameter is for, declared where it is created.
 
 Every `nnx.Param` carries a `role` in its metadata; the optimizer reads it
-(trainers/optimizer.py decides weight decay by role, never by shape), and it
+(trainers/training/optimizer.py decides weight decay by role, never by shape), and it
 survives `nnx.vmap` stacking, so `scan_layers` changes nothing.
 
   projection  a matrix applied to activations: dense kernels, block-diagonal

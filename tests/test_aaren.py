@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from architectures.aaren import Aaren, AarenConfig
-from layers.aaren import AarenState, aaren_chunked, aaren_scan
 from layers.documents import locate
+from layers.mixers.aaren import AarenState, aaren_chunked, aaren_scan
 from tests.helpers import packed_positions
 
 B, T, H, D = 2, 21, 3, 4

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers import attention_ops
-from layers.attention import Attention
+from layers.blocks.rope import apply_rope
+from layers.blocks.shared_keys import AFTER_CACHED, OWN, VISIBLE, Keys
 from layers.documents import Segments, locate
-from layers.rope import apply_rope
-from layers.shared_keys import AFTER_CACHED, OWN, VISIBLE, Keys
+from layers.kernels import attention_ops
+from layers.mixers.attention import Attention
 from tests.helpers import packed_positions
 
 DIM, HEADS, KV_HEADS, HEAD_DIM = 16, 4, 2, 8
@@ -90,7 +90,7 @@ def test_document_segments_describe_each_run_for_the_packed_cudnn_call():
 
 
 def test_choose_path_serves_own_tokens_unless_an_earlier_key_continues_a_query_document():
-  """attention_ops.choose_path, the one choice of kernel path (layers/shared_keys.py): OWN and VISIBLE are
+  """attention_ops.choose_path, the one choice of kernel path (layers/blocks/shared_keys.py): OWN and VISIBLE are
   static; AFTER_CACHED takes the queries' own tokens unless an earlier key is of a query's first document,
   and `attend` gives the visible-mask result either way."""
   own, other = (lambda: jnp.zeros(())), (lambda: jnp.ones(()))

@@ -18,14 +18,14 @@ import pytest
 from experiments import peers
 from experiments.peers import benchmark_decode_peer, benchmark_operator_peer, benchmark_peer, peer_docs_per_row
 from experiments.plot_decode import throughput_by_context
-from layers.gated_retention_ops import recurrent_retention
-from layers.rg_lru import rg_lru
-from layers.wkv import wkv
+from layers.mixers.gated_retention_ops import recurrent_retention
+from layers.mixers.rg_lru import rg_lru
+from layers.mixers.wkv import wkv
 from tests.helpers import REPO, packed_positions, tiny_experiment, tiny_model
-from trainers.measure import benchmark_train_step, document_lengths, synthetic_batch, train_flops_per_token
-from trainers.measure_decode import DoesNotFitError, benchmark_decode
-from trainers.measure_ops import OPERATORS, benchmark_operator, packed_documents
-from trainers.steps import split_batch
+from trainers.measurement.decode_speed import DoesNotFitError, benchmark_decode
+from trainers.measurement.op_speed import OPERATORS, benchmark_operator, packed_documents
+from trainers.measurement.train_speed import benchmark_train_step, document_lengths, synthetic_batch, train_flops_per_token
+from trainers.training.steps import split_batch
 
 
 def test_train_benchmark_loss_curve_is_the_same_on_one_device_and_sharded(data_dir):

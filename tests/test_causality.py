@@ -1,4 +1,4 @@
-"""Causality and document isolation for every config (trainers/causality.py), with random weights.
+"""Causality and document isolation for every config (trainers/measurement/causality.py), with random weights.
 
 Replacing the tokens at row index >= P moves no logit before P; replacing the first document of
 a packed row moves no logit of the second. float32 on CPU: a leak must stay below 1e-5 (what
@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from tests.helpers import CONFIGS, family_tiny_config
-from trainers import causality
 from trainers.experiment import Experiment
+from trainers.measurement import causality
 
 SEQ_LEN = 72  # > the tiny configs' windows, blocks and chunks, so the probes cross their borders
 

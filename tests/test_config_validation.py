@@ -5,8 +5,8 @@ import jax
 import pytest
 
 import architectures
-from trainers.experiment import Experiment
 from tests.helpers import family_tiny_config, tiny_experiment
+from trainers.experiment import Experiment
 
 
 @pytest.mark.parametrize('overrides,message', [

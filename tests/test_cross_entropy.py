@@ -1,4 +1,4 @@
-"""trainers/cross_entropy.py: the one-hot cross-entropy equals optax's (value and gradient); with a
+"""trainers/training/cross_entropy.py: the one-hot cross-entropy equals optax's (value and gradient); with a
 soft cap, the fused form on the logits before the cap equals capping them and taking the plain
 cross-entropy, in value and gradient, for a cap that skips the max pass and one that takes it, at
 saturated logits, and for targets outside the vocabulary (log-sum-exp)."""
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from trainers.cross_entropy import cross_entropy
+from trainers.training.cross_entropy import cross_entropy
 
 VOCAB = 11
 

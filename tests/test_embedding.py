@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers.embedding import logits_matmul
+from layers.blocks.embedding import logits_matmul
 
 
 def _inputs(dtype):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainers import data
-from trainers.evaluator import Evaluator
-from trainers.experiment import Experiment
 from tests.helpers import jitted, tiny_experiment
+from trainers import data
+from trainers.experiment import Experiment
+from trainers.training.evaluator import Evaluator
 
 
 def log_softmax(x):
@@ -56,7 +56,7 @@ def test_bits_per_byte_and_loss_by_position_by_hand(data_dir):
 def test_an_older_step_never_replaces_a_newer_eval(tmp_path):
   """Issue 30.4: evaluating an older checkpoint overwrote eval.json; now each step has its file and eval.json
   is the newest step's."""
-  from trainers.evaluator import write_results
+  from trainers.training.evaluator import write_results
   newer, older = dict(split='validation', step=4, loss=1.0), dict(split='validation', step=2, loss=2.0)
   assert write_results(str(tmp_path), newer) == [str(tmp_path / 'eval_4.json'), str(tmp_path / 'eval.json')]
   assert write_results(str(tmp_path), older) == [str(tmp_path / 'eval_2.json')]

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainers import steps
-from trainers.experiment import Experiment
 from tests.helpers import CONFIGS, FAMILY_CONFIGS, family_tiny_config, jitted, packed_positions, random_tokens
+from trainers.experiment import Experiment
+from trainers.training import steps
 
 DECODE_LENGTH, PROMPT = 40, 13
 

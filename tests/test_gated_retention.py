@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers import gated_retention_ops as ops
 from layers.documents import locate
-from layers.gated_retention import GatedRetention
+from layers.mixers import gated_retention_ops as ops
+from layers.mixers.gated_retention import GatedRetention
 from tests.helpers import packed_positions
 
 B, T, N, DK, DV = 2, 24, 2, 4, 3

@@ -16,12 +16,12 @@ from flax import nnx
 import architectures
 from architectures import goldfinch
 from architectures.base import ConfigError
-from layers.flops import mean_visible_keys
 from experiments.configs import common, finch as finch_configs, goldfinch as goldfinch_configs
 from experiments.configs import transformer as transformer_configs
-from trainers import partitioning
+from layers.flops import mean_visible_keys
 from tests.helpers import packed_positions, random_tokens
 from tests.test_gated_retention import random_params
+from trainers import partitioning
 
 VOCAB, LENGTH, PROMPT = 64, 22, 9
 # 4 layers: 2 Finch-C2 + 2 GOLD (the paper's split); 4 heads of 8; keys compressed 32 -> 8; wkv chunks of 8.
@@ -274,7 +274,7 @@ def test_configs_pick_the_split():
 
 
 def expected_params(cfg: goldfinch.GoldFinchConfig) -> int:
-  """Counted from the equations of layers/rwkv6.py and layers/gold_attention.py."""
+  """Counted from the equations of layers/mixers/rwkv6.py and layers/mixers/gold_attention.py."""
   d, f, v, rm, rd, rk = cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.mix_lora_rank, cfg.decay_lora_rank, cfg.kv_rank
   ln = 2 * d
   channel_mix = 2 * d + 2 * d * f + d * d + 2 * ln  # mu_k, mu_r; W_k, W_v; W_r; LN1, LN2 of the block

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers import attention_ops
 from layers.documents import locate
+from layers.kernels import attention_ops
 from tests.helpers import packed_positions, random_tokens, tiny_model
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='cuDNN attention needs a GPU')
@@ -57,7 +57,7 @@ def test_transformer_logits_and_grads_match_across_impls():
 
 @pytest.mark.parametrize('window', [0, 32])
 def test_prefill_through_cudnn_equals_chunked_and_forward(window):
-  """A prompt into an empty cache goes through cuDNN (lax.cond in layers/attention.py); in chunks, XLA."""
+  """A prompt into an empty cache goes through cuDNN (lax.cond in layers/mixers/attention.py); in chunks, XLA."""
   model = tiny_model(dtype='bfloat16', attention_impl='cudnn', window=window, dim=128, num_heads=2, num_kv_heads=1)
   tokens = random_tokens((2, 100), 64)
   positions = packed_positions([[40, 60], [100]])

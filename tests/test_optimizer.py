@@ -1,4 +1,4 @@
-"""Weight decay by parameter role (trainers/optimizer.py, layers/param_roles.py).
+"""Weight decay by parameter role (trainers/training/optimizer.py, layers/param_roles.py).
 
 For every config: each parameter declares a role; AdamW with zero gradients moves exactly the
 parameters whose role is decayed (projections, embeddings) and no other; the decayed set is the
@@ -18,7 +18,7 @@ from flax import nnx
 import architectures
 from layers import param_roles
 from tests.helpers import CONFIGS, family_tiny_config
-from trainers.optimizer import decay_mask, make_optimizer
+from trainers.training.optimizer import decay_mask, make_optimizer
 
 NOT_DECAYED = re.compile(r'(norm|bias|a_param|/decay$|bonus|mix|lora|state_ids|initial_state|query$|scale)')
 DECAYED = re.compile(r'(kernel|table)$')

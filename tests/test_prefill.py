@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers import attention_ops
 from layers.documents import locate
+from layers.kernels import attention_ops
 from tests.helpers import packed_positions, random_tokens, tiny_model
-from trainers.measure_decode import program_bytes
-from trainers.sampling import generate
+from trainers.inference.sampling import generate
+from trainers.measurement.decode_speed import program_bytes
 
 PROMPT = 4096
 

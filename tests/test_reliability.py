@@ -24,15 +24,15 @@ import pytest
 from flax import nnx
 
 import architectures
-from trainers import workdir_lock
+from tests.helpers import family_tiny_config, jitted, random_tokens, tiny_experiment
 from trainers.checkpoints import Checkpointer, CorruptCheckpointError, StateMismatchError
-from trainers.evaluator import evaluate_checkpoint, write_results
 from trainers.experiment import Experiment
 from trainers.logs import has_accelerator
 from trainers.run_config import WorkdirMismatchError, config_for, record_or_check
-from trainers.run_history import EarlierRunError
-from trainers.train_loop import NonFiniteError, train
-from tests.helpers import family_tiny_config, jitted, random_tokens, tiny_experiment
+from trainers.training import workdir_lock
+from trainers.training.evaluator import evaluate_checkpoint, write_results
+from trainers.training.run_history import EarlierRunError
+from trainers.training.train_loop import NonFiniteError, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS, CHECKPOINT_EVERY = 40, 5
@@ -262,7 +262,7 @@ def test_evaluate_and_sample_change_nothing_but_their_outputs(straight, tmp_path
 @pytest.mark.fault('a workdir whose metrics.jsonl has records but no checkpoint (a run killed before its first save)',
                    'the new start moves that history to earlier_runs/1/ with a warning; never truncates it')
 def test_metrics_without_a_checkpoint_are_kept(tmp_path):
-  from trainers import run_history
+  from trainers.training import run_history
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n')
   run_history.before_fresh_start(str(tmp_path), corrupt=[])
   assert not (tmp_path / 'metrics.jsonl').exists()
@@ -378,7 +378,7 @@ def test_failed_start_leaves_no_workdir_and_no_tpu_noise(tmp_path, data_dir):
 @pytest.mark.fault('a metrics.jsonl whose last line was cut by a kill',
                    'the resumed run drops the cut line and the records past its checkpoint, then rewrites them')
 def test_cut_metrics_line_is_dropped_on_resume(tmp_path):
-  from trainers.metrics import MetricsWriter
+  from trainers.training.metrics import MetricsWriter
   writer = MetricsWriter(str(tmp_path))
   for step in (1, 2, 3):
     writer.write(step, dict(loss=1.0 / step))
@@ -393,7 +393,7 @@ def test_cut_metrics_line_is_dropped_on_resume(tmp_path):
                    'the resumed run drops each bad line with a warning naming the file and the line; config.json: '
                    'one line naming the file and what to do')
 def test_bad_metrics_lines_and_config_json_are_named(tmp_path, data_dir, caplog):
-  from trainers.metrics import MetricsWriter
+  from trainers.training.metrics import MetricsWriter
   writer = MetricsWriter(str(tmp_path))
   for step in (1, 2, 3):
     writer.write(step, dict(loss=1.0 / step))

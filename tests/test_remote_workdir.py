@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from trainers.checkpoints import read_checkpoint
-from trainers.evaluator import evaluate_checkpoint, write_results
-from trainers.experiment import Experiment
-from trainers.run_config import config_for
-from trainers.train_loop import train
 from tests.fake_gcs import fake_gcs
 from tests.helpers import tiny_experiment
+from trainers.checkpoints import read_checkpoint
+from trainers.experiment import Experiment
+from trainers.run_config import config_for
+from trainers.training.evaluator import evaluate_checkpoint, write_results
+from trainers.training.train_loop import train
 
 
 @pytest.mark.fault('--workdir=gs://bucket/run (the multi-host example; a fake gs:// here, no network)',

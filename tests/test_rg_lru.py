@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers import kernel_sharding
-from layers.conv1d import CausalConv1D
+from layers.blocks.conv1d import CausalConv1D
 from layers.documents import locate
-from layers.linear_recurrence import linear_recurrence
-from layers.rg_lru import RGLRU, a_param_init, decays_and_inputs, resolve_impl, rg_lru
-from layers.rg_lru_gates import sqrt_bounded_derivative
+from layers.kernels import kernel_sharding
+from layers.mixers.linear_recurrence import linear_recurrence
+from layers.mixers.rg_lru import RGLRU, a_param_init, decays_and_inputs, resolve_impl, rg_lru
+from layers.mixers.rg_lru_gates import sqrt_bounded_derivative
 from tests.helpers import packed_positions, sharded
 
 IMPLS = ('sequential', 'associative')
@@ -212,7 +212,7 @@ def test_auto_picks_the_fused_kernel_when_compiling_for_gpu(monkeypatch):
 
 @pytest.mark.parametrize('chunk_size', [8, 1000])  # 8: time split into 4 chunks, composed by the summaries; 1000: one
 def test_fused_kernel_equals_xla_form(chunk_size):
-  """The fused Pallas kernels (layers/pallas_rg_lru.py) against the XLA form in values and gradients, over
+  """The fused Pallas kernels (layers/kernels/pallas_rg_lru.py) against the XLA form in values and gradients, over
   several channel blocks (W = 24: 3 blocks of 8), time padded to whole chunks, document starts at chunk
   borders and inside, padding, an initial state and bfloat16 inputs."""
   starts = [0, 5, 16, 17, 40]  # 16: the first step of a chunk of 16 (chunk_size 8 gives 4 chunks of 16)

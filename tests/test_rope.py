@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers.rope import apply_rope
+from layers.blocks.rope import apply_rope
 from tests.helpers import jitted, tiny_model
 
 X = [1.0, 2.0, 3.0, 4.0]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainers.experiment import Experiment
-from trainers.sampling import generate, sample_logits
 from tests.helpers import FAMILY_CONFIGS, family_tiny_config, jitted, tiny_model
+from trainers.experiment import Experiment
+from trainers.inference.sampling import generate, sample_logits
 
 PROMPTS = [[72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100], [100, 101, 102], [10, 32, 32, 35, 1, 2, 3, 4]]
 NEW = 7

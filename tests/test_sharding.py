@@ -5,8 +5,8 @@ for every family in test_family_contract.py.)
 """
 import jax
 
-from trainers.experiment import Experiment
 from tests.helpers import tiny_experiment
+from trainers.experiment import Experiment
 
 
 def test_parameters_and_optimizer_state_follow_the_rules(data_dir):

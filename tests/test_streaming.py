@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainers import data, steps
+from trainers import data
 from trainers.experiment import Experiment
-from trainers.train_loop import train
+from trainers.training import steps
+from trainers.training.train_loop import train
 from tests.helpers import (family_tiny_config, jitted, packed_positions, random_tokens, read_metrics, tiny_experiment,
                            tiny_model)
 

@@ -3,9 +3,10 @@ rows are deterministic, and training on a task counts only its answers."""
 import numpy as np
 import pytest
 
-from trainers import data, steps
-from trainers.data.synthetic import NOISE, SEPARATOR, TaskRows
 from tests.helpers import tiny_experiment
+from trainers import data
+from trainers.data.synthetic import NOISE, SEPARATOR, TaskRows
+from trainers.training import steps
 
 
 def solve_mqar(tokens: np.ndarray, num_pairs: int) -> dict[int, int]:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers import FAMILY_CONFIGS, family_tiny_config, jitted, packed_positions
 from trainers import data
 from trainers.checkpoints import read_checkpoint
 from trainers.data.timeseries import LENGTH, TRAIN_FRACTION, mackey_glass
-from trainers.evaluator import evaluate_checkpoint
 from trainers.experiment import Experiment
-from trainers.train_loop import train
-from tests.helpers import FAMILY_CONFIGS, family_tiny_config, jitted, packed_positions
+from trainers.training.evaluator import evaluate_checkpoint
+from trainers.training.train_loop import train
 
 
 def forecast_config(name, data_dir, **overrides):
@@ -46,10 +46,10 @@ def errors_by_hand(config, workdir, num_batches: int) -> tuple[float, float]:
   exp = Experiment.build(config)
   _, state, _ = read_checkpoint(workdir, exp.restore_target())
   model = nnx.merge(exp.graphdef, jax.device_get(state.params))
-  squared, absolute, count = 0.0, 0.0, 0
+  forward, squared, absolute, count = jitted(model), 0.0, 0.0, 0
   for batch in data.make_eval_batches(config, num_batches=num_batches):
     values, positions = np.asarray(batch['values'], np.float32), np.asarray(batch['positions'])
-    predictions = np.asarray(jitted(model)(jnp.asarray(values[:, :-1]), jnp.asarray(positions[:, :-1]))[0])
+    predictions = np.asarray(forward(jnp.asarray(values[:, :-1]), jnp.asarray(positions[:, :-1]))[0])
     counted = positions[:, 1:] > 0
     error = (predictions - values[:, 1:])[counted]  # [targets, F]
     squared += float(np.sum(np.mean(error ** 2, axis=-1)))

@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from trainers.experiment import Experiment
-from trainers.jitted_step import TrainStep
-from trainers.tpu_compile import HBM_BYTES, compile_decode_step, compile_report, compile_train_step, topology_devices
 from tests.helpers import FAMILY_CONFIGS, family_tiny_config
+from trainers.experiment import Experiment
+from trainers.measurement.tpu_compile import HBM_BYTES, compile_decode_step, compile_report, compile_train_step, topology_devices
+from trainers.training.jitted_step import TrainStep
 
 TOPOLOGY = 'v5e:2x4'
 MESH = dict(data=2, fsdp=2, tensor=2)

@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from layers import attention_ops, linear_recurrence, rg_lru
 from layers.documents import locate
-from layers.linear_recurrence import linear_recurrence as recurrence
+from layers.kernels import attention_ops
+from layers.mixers import linear_recurrence, rg_lru
+from layers.mixers.linear_recurrence import linear_recurrence as recurrence
 from tests.helpers import MESH, family_tiny_config, packed_positions, sharded
 from trainers.experiment import Experiment
-from trainers.tpu_compile import compile_decode_step, compile_train_step, topology_devices
+from trainers.measurement.tpu_compile import compile_decode_step, compile_train_step, topology_devices
 
 TOPOLOGY = 'v5e:2x4'
 

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainers import steps
-from trainers.checkpoints import Checkpointer
-from trainers.evaluator import evaluate_checkpoint
-from trainers.experiment import Experiment
-from trainers.jitted_step import TrainStep
-from trainers.train_loop import train
 from tests.helpers import packed_positions, random_tokens, read_metrics, tiny_experiment
+from trainers.checkpoints import Checkpointer
+from trainers.experiment import Experiment
+from trainers.training import steps
+from trainers.training.evaluator import evaluate_checkpoint
+from trainers.training.jitted_step import TrainStep
+from trainers.training.train_loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

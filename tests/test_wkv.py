@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layers import kernel_sharding, token_shift, wkv as ops
+from layers.blocks import token_shift
 from layers.documents import locate
-from layers.rwkv6 import TimeMix
+from layers.kernels import kernel_sharding
+from layers.mixers import wkv as ops
+from layers.mixers.rwkv6 import TimeMix
 from tests.helpers import packed_positions, sharded
 from tests.test_gated_retention import random_params
 
@@ -181,7 +183,7 @@ def fused_case(seed: int = 5):
 
 @pytest.mark.parametrize('chunk_size', [16, 64])  # 16: one sub-chunk a chunk; 64: four, T padded to 128
 def test_fused_kernels_equal_the_recurrent_form_in_values_and_gradients(chunk_size):
-  """layers/pallas_wkv.py (Pallas interpret mode on CPU) against `recurrent_wkv`: y, the last state and the
+  """layers/kernels/pallas_wkv.py (Pallas interpret mode on CPU) against `recurrent_wkv`: y, the last state and the
   gradients in r, k, v, log_w, u and the initial state; alone and, with 8 devices, under the test mesh (rows
   over data x fsdp, heads over tensor); without the bonus too."""
   (r, k, v, log_w, u), reset, state, cotangents = fused_case()

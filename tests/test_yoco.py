@@ -11,9 +11,9 @@ from flax import nnx
 import architectures
 from architectures import yoco
 from architectures.base import ConfigError
-from layers.flops import mean_visible_keys
-from layers.gated_retention import GatedRetention
 from experiments.configs import common, transformer as transformer_configs, yoco as yoco_configs
+from layers.flops import mean_visible_keys
+from layers.mixers.gated_retention import GatedRetention
 from tests.helpers import packed_positions, random_tokens
 from tests.test_gated_retention import random_params
 

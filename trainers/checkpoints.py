@@ -13,7 +13,7 @@ Restoring walks back from the newest step: a checkpoint that fails to load
 (edited) or that holds NaN/Inf is reported by step, renamed to `<step>.corrupt`
 and skipped. If checkpoints exist but none is usable, restoring raises rather
 than silently starting from scratch over existing work (and `set_aside()`
-lists them for the next start, which refuses too: trainers/run_history.py). A
+lists them for the next start, which refuses too: trainers/training/run_history.py). A
 checkpoint that is intact but of another state layout (a changed model or
 optimizer config) is not corruption: it raises StateMismatchError and nothing
 is renamed.

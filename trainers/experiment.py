@@ -14,8 +14,9 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from architectures.base import SequenceModel
-from trainers import config_validation, partitioning, train_state
-from trainers.optimizer import make_optimizer
+from trainers import config_validation, partitioning
+from trainers.training import train_state
+from trainers.training.optimizer import make_optimizer
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ import sys
 import jax
 from absl import logging
 
-from trainers.measure_decode import MEMORY_HEADROOM, device_memory_limit, largest_batch
+from trainers.measurement.decode_speed import MEMORY_HEADROOM, device_memory_limit, largest_batch
 
 PEER_MODULES = {'griffin': 'recurrentgemma_griffin', 'transformer': 'llama_torch'}
 DECODE_PEER_MODULES = {'griffin': 'recurrentgemma_griffin', 'transformer': 'llama_torch', 'goldfinch': 'fla_rwkv6'}

@@ -1,7 +1,7 @@
 """flash-linear-attention (fla) as the peer of our RWKV-6.
 
 `benchmark_operator`: its Triton `chunk_rwkv6`, the peer of our wkv operator
-(benchmark.py --mode=op --op=wkv). Same inputs as trainers/measure_ops.py: r, k,
+(benchmark.py --mode=op --op=wkv). Same inputs as trainers/measurement/op_speed.py: r, k,
 v [B, T, H, D] bf16, log decay w = log_sigmoid(N(0, 1)), bonus u [H, D]; scale=1
 as ours; forward + backward.
 `DecodePeer`: its RWKV-6 language model decoding with `generate` (the Finch peer

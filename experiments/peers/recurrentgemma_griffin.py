@@ -16,8 +16,8 @@ import jaxtyping
 import optax
 import recurrentgemma.jax as rg
 
-from trainers.measure import synthetic_batch
-from trainers.measure_decode import program_bytes
+from trainers.measurement.decode_speed import program_bytes
+from trainers.measurement.train_speed import synthetic_batch
 
 
 def reference_config(model) -> rg.GriffinConfig:

@@ -1,4 +1,4 @@
-"""Times a transformers-style `generate` on the GPU as trainers/measure_decode.py times our sampler.
+"""Times a transformers-style `generate` on the GPU as trainers/measurement/decode_speed.py times our sampler.
 
 The call that prefills the prompt and generates 1 token is the prefill time; (the call generating
 1 + n tokens - that call) / n is the time per new token; both after untimed calls that compile.
