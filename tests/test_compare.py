@@ -56,9 +56,9 @@ def test_tokens_give_every_family_the_same_training_tokens():
 
 @pytest.mark.slow  # trains, evaluates and measures two families (one with a second seed) in a subprocess
 def test_compare_writes_the_table_and_the_plots(data_dir, tmp_path):
-  subprocess.run([sys.executable, '-m', 'experiments.compare', '--families=transformer,aaren', '--steps=3',
-                  '--seeds=transformer:2', '--eval_batches=1', '--contexts=32,64', f'--workdir={tmp_path}', f'--data_dir={data_dir}'],
-                 cwd=REPO, check=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+  args = [sys.executable, '-m', 'experiments.compare', '--families=transformer,aaren', '--steps=3',
+          '--seeds=transformer:2', '--eval_batches=1', '--contexts=32,64', f'--workdir={tmp_path}', f'--data_dir={data_dir}']
+  subprocess.run(args, cwd=REPO, check=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'),
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   table = (tmp_path / 'compare.md').read_text()
   assert '| transformer | 0 |' in table and '| transformer | 1 |' in table and '| aaren | 0 |' in table
@@ -78,3 +78,22 @@ def test_compare_writes_the_table_and_the_plots(data_dir, tmp_path):
   assert by_run['transformer']['cache_bytes']['65536'] == 64 * by_run['transformer']['cache_bytes']['1024'] - 63 * 8  # + cursor
   for name in ('loss', 'loss_by_context', 'cache', 'decode'):
     assert (tmp_path / f'compare_{name}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # The same comparison again reads every run's kept result: nothing trains or evaluates, the table is the same.
+  again = subprocess.run(args, cwd=REPO, check=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                         capture_output=True, text=True)
+  assert again.stderr.count('read the finished result') == 3 and 'compiling' not in again.stderr
+  assert (tmp_path / 'compare.md').read_text() == table
+
+
+def test_variants_override_a_config_and_bad_ones_are_named():
+  variants = compare.parse_variants(['finch_c2=finch:model.time_mix=finch_c2:seq_len=64:model.scan_layers=true'])
+  assert variants == {'finch_c2': ('finch', {'model.time_mix': 'finch_c2', 'seq_len': '64',
+                                             'model.scan_layers': 'true'})}
+  config = compare.family_config('finch_c2', 'tiny', 3, variants=variants)
+  assert (config.model.time_mix, config.seq_len, config.model.scan_layers) == ('finch_c2', 64, True)
+  assert config.model.name == 'goldfinch' and config.total_steps == 3
+  for bad in ('c2=finch', 'c2=nofamily:model.dim=3', 'finch=finch:model.dim=3', '=finch:model.dim=3'):
+    with pytest.raises(ValueError, match='--variants'):
+      compare.parse_variants([bad])
+  with pytest.raises(ValueError, match=r'config\.model\.nope does not exist'):
+    compare.family_config('v', 'tiny', 3, variants=compare.parse_variants(['v=finch:model.nope=1']))
