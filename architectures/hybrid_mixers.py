@@ -190,7 +190,7 @@ CHECKS: dict[str, Callable[[Block], None]] = {
 
 # -- the factories: (config, its block, the layer's index, rngs) -> the mixer ----------------------------
 
-def common(cfg: Any) -> dict[str, Any]:
+def mixer_options(cfg: Any) -> dict[str, Any]:
   """What every mixer takes from the model: the init scale of its output projection and the dtypes."""
   return dict(out_init_scale=cfg.residual_init_scale, **cfg.dtypes)
 
@@ -200,14 +200,14 @@ def attention(cfg: Any, b: Block, layer: Layer, rngs: nnx.Rngs) -> Attention:
   return Attention(cfg.dim, *b.heads(), window=b['window'] or None, rope_base=b['rope_base'],
                    rope_style=b['rope_style'], rope_fraction=b['rope_fraction'],
                    rope_frequencies=b['rope_frequencies'], impl=cfg.attention_impl, out_bias=b['out_bias'],
-                   rngs=rngs, **common(cfg))
+                   rngs=rngs, **mixer_options(cfg))
 
 
 def recurrent_block(cfg: Any, b: Block, layer: Layer, rngs: nnx.Rngs) -> RecurrentBlock:
   del layer
   return RecurrentBlock(cfg.dim, b['width'] or cfg.dim, b['num_heads'], conv_width=b['conv_width'], lru_c=b['c'],
                         lru_min_rad=b['min_rad'], lru_max_rad=b['max_rad'], lru_impl=b['impl'],
-                        lru_chunk_size=b['chunk_size'], rngs=rngs, **common(cfg))
+                        lru_chunk_size=b['chunk_size'], rngs=rngs, **mixer_options(cfg))
 
 
 def gated_retention(cfg: Any, b: Block, layer: Layer, rngs: nnx.Rngs) -> GatedRetention:
@@ -216,19 +216,20 @@ def gated_retention(cfg: Any, b: Block, layer: Layer, rngs: nnx.Rngs) -> GatedRe
   return GatedRetention(cfg.dim, heads, cfg.dim // heads, chunk_size=b['chunk_size'],
                         gate_logit_normalizer=b['gate_logit_normalizer'], norm_eps=cfg.norm_eps,
                         rope_base=b['rope_base'], rope_style=b['rope_style'], rope_frequencies=b['rope_frequencies'],
-                        rngs=rngs, **common(cfg))
+                        rngs=rngs, **mixer_options(cfg))
 
 
 def time_mix(cfg: Any, b: Block, layer: Layer, rngs: nnx.Rngs) -> rwkv6.TimeMix:
   return rwkv6.TimeMix(cfg.dim, cfg.dim // b['head_dim'], b['head_dim'], layer=layer, num_layers=cfg.num_layers,
                        variant=b['variant'], mix_rank=b['mix_lora_rank'], decay_rank=b['decay_lora_rank'],
-                       impl=b['impl'], chunk_size=b['chunk_size'], rngs=rngs, **common(cfg))
+                       impl=b['impl'], chunk_size=b['chunk_size'], rngs=rngs, **mixer_options(cfg))
 
 
 def aaren_mixer(cfg: Any, b: Block, layer: Layer, rngs: nnx.Rngs) -> aaren.Aaren:
   del layer
   heads, _, head_dim = b.heads()
-  return aaren.Aaren(cfg.dim, heads, head_dim, impl=b['impl'], chunk_size=b['chunk_size'], rngs=rngs, **common(cfg))
+  return aaren.Aaren(cfg.dim, heads, head_dim, impl=b['impl'], chunk_size=b['chunk_size'], rngs=rngs,
+                     **mixer_options(cfg))
 
 
 def windowed(recurrent: bool) -> Callable[[Any, Block, Layer, nnx.Rngs], WindowedAttention]:
@@ -238,7 +239,7 @@ def windowed(recurrent: bool) -> Callable[[Any, Block, Layer, nnx.Rngs], Windowe
     del layer
     attention = dict(window=b['window'], span=b['span'], position=b['position'], qk_norm=b['qk_norm'],
                      rope_base=b['rope_base'], num_buckets=b['t5_buckets'], max_distance=b['t5_max_distance'],
-                     impl=cfg.attention_impl, rngs=rngs, **common(cfg))
+                     impl=cfg.attention_impl, rngs=rngs, **mixer_options(cfg))
     if not recurrent:
       return WindowedAttention(cfg.dim, *b.heads(), **attention)
     return block_recurrent.BlockRecurrentAttention(
@@ -257,7 +258,7 @@ def cross_attention(cfg: Any, b: Block, layer: Layer, rngs: nnx.Rngs) -> CrossAt
   del layer
   heads = b['num_heads']
   return CrossAttention(cfg.dim, heads, cfg.dim // heads, rope=cross_rope(b), impl=cfg.attention_impl, rngs=rngs,
-                        **common(cfg))
+                        **mixer_options(cfg))
 
 
 def shared_kv(model: SharedKV, cfg: Any, b: Block, rngs: nnx.Rngs) -> None:
@@ -268,7 +269,7 @@ def shared_kv(model: SharedKV, cfg: Any, b: Block, rngs: nnx.Rngs) -> None:
 def gold_attention(cfg: Any, b: Block, layer: Layer, rngs: nnx.Rngs) -> GoldAttention:
   return GoldAttention(cfg.dim, cfg.dim // b['head_dim'], b['head_dim'], layer=layer, num_layers=cfg.num_layers,
                        mix_rank=b['mix_lora_rank'], kv_rank=b['lora_rank'], rope=b['rope'], rope_base=b['rope_base'],
-                       impl=cfg.attention_impl, rngs=rngs, **common(cfg))
+                       impl=cfg.attention_impl, rngs=rngs, **mixer_options(cfg))
 
 
 def compressed_keys(model: CompressedKeys, cfg: Any, b: Block, rngs: nnx.Rngs) -> None:

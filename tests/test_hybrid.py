@@ -15,6 +15,7 @@ from tests.helpers import family_tiny_config, packed_positions, random_tokens
 from tests.test_cache_bytes import hybrid_bytes
 from tests.test_gated_retention import random_params
 from trainers.experiment import Experiment
+from trainers.run_config import WorkdirMismatchError, record_or_check
 
 VOCAB, LENGTH, PROMPT, DIM = 64, 16, 7, 32
 TOKENS = random_tokens((2, LENGTH), VOCAB)
@@ -222,7 +223,7 @@ LAYERS = r"config\.model\.layers="
      r'config\.model\.attention\.num_heads=4'),
     ('rg_lru', dict(rg_lru=dict(width=48, num_heads=5)), r'rg_lru\.num_heads=5: does not divide the width=48'),
     ('wkv6', dict(wkv6=dict(head_dim=12)), r'config\.model\.wkv6\.head_dim=12: does not divide config\.model\.dim=32'),
-    ('rg_lru,gold', dict(gold=dict(BLOCKS['gold'], key_compression=5)), r'gold\.key_compression=5: does not divide '),
+    ('rg_lru,gold', dict(gold=dict(BLOCKS['gold'], key_compression=5)), r'gold\.key_compression=5: does not '),
     ('rg_lru,cross_attention', dict(cross_attention=dict(num_kv_heads=3)), r'cross_attention\.num_kv_heads=3: '),
     ('local_attention', dict(local_attention=dict(window=0)), r'local_attention\.window=0: must be positive'),
     ('attention', dict(attention=dict(heads=4)), r"config\.model\.attention has unknown keys \['heads'\]; known: "),
@@ -244,3 +245,15 @@ def test_a_wrong_pattern_is_refused_before_compiling(data_dir, monkeypatch):
   with pytest.raises(ValueError, match=LAYERS + r"'cross_attention,rg_lru': cross_attention reads"):
     Experiment.build(config)
   assert not compiled
+
+
+def test_a_run_resumes_with_another_kernel_but_not_another_block(tmp_path):
+  """The recorded config (trainers/run_config.py) is compared key by key inside the blocks: a runtime key
+  (rg_lru.impl) may differ, any other is named."""
+  config = hybrid_configs.get_config('tiny')
+  record_or_check(config, tmp_path)
+  config.model.rg_lru.impl = 'sequential'
+  record_or_check(config, tmp_path)
+  config.model.local_attention.window = 32
+  with pytest.raises(WorkdirMismatchError, match=r'config\.model\.local_attention\.window: 16 in the workdir, 32 now'):
+    record_or_check(config, tmp_path)
