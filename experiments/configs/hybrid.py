@@ -3,6 +3,7 @@ and sliding-window attention layers alternating, each followed by a SwiGLU MLP.
 
   --config=experiments/configs/hybrid.py:tiny    CPU: 'rg_lru,local_attention', D=128, window 16
   --config=experiments/configs/hybrid.py:small   '(rg_lru,local_attention)*4': D=512, 8 heads, window 1024 (25.1M)
+  --config=experiments/configs/hybrid.py:150m    '(rg_lru,local_attention)*6': D=1024, 8 heads, window 1024 (149M)
 
 Any other hybrid is a config line (the mixers' blocks keep their settings for this size):
 
@@ -21,6 +22,8 @@ SIZES = {
     'tiny': dict(layers='rg_lru,local_attention', dim=128, mlp_dim=384, heads=4, window=16, head_dim=32),
     # Within 10% of the Transformer small's parameters (26.1M), as every family's small (experiments.compare).
     'small': dict(layers='(rg_lru,local_attention)*4', dim=512, mlp_dim=1536, heads=8, window=1024, head_dim=64),
+    # Griffin's 150m shape (D=1024, 12 layers, MLP 3 D) with the layers alternating.
+    '150m': dict(layers='(rg_lru,local_attention)*6', dim=1024, mlp_dim=3072, heads=8, window=1024, head_dim=64),
 }
 
 
