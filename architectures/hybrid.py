@@ -48,7 +48,7 @@ from layers.mixers.rwkv6 import ChannelMix
 
 # config.model.mlp -> the gated MLP's activation (None: RWKV's channel mix, whose token shift is a cache).
 MLPS = {'swiglu': 'silu', 'geglu': 'gelu', 'channel_mix': None}
-GRAMMAR = "mixers separated by commas, each or a '(...)' group optionally repeated '*N', e.g. '(rg_lru*2,attention)*4'"
+GRAMMAR = "comma-separated mixers or '(...)' groups, each repeated N times by '*N', e.g. '(rg_lru*2,attention)*4'"
 
 
 def parse_layers(text: str) -> tuple[str, ...]:
@@ -154,6 +154,7 @@ class HybridConfig(DecoderConfig):
     super().__post_init__()
     self.check(self.norm in NORMS, 'norm', f'known: {sorted(NORMS)}')
     self.check(self.mlp in MLPS, 'mlp', f'known: {tuple(MLPS)}')
+    self.check(not self.mlp_bias or self.mlp != 'channel_mix', 'mlp_bias', 'the channel mix has no biases')
     self.check_positive('mlp_dim')
     self.check_pattern(kinds)
     for block in sorted({MIXERS[kind].block for kind in kinds}):
@@ -188,8 +189,7 @@ class HybridConfig(DecoderConfig):
   @property
   def writers(self) -> tuple[str, ...]:
     """The layers before the readers (every layer without readers)."""
-    kinds = self.kinds
-    return tuple(k for k in kinds if not MIXERS[k].stage)
+    return tuple(kind for kind in self.kinds if not MIXERS[kind].stage)
 
   @property
   def readers(self) -> tuple[str, ...]:

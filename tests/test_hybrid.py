@@ -208,7 +208,7 @@ LAYERS = r"config\.model\.layers="
 
 @pytest.mark.parametrize('layers,extra,message', [
     ('rg_lru,mamba', {}, LAYERS + r"'rg_lru,mamba': unknown mixer 'mamba'; known: \['aaren', 'attention', "),
-    ('(rg_lru,attention', {}, LAYERS + r"'\(rg_lru,attention': a '\(' is not closed; a pattern is mixers "),
+    ('(rg_lru,attention', {}, LAYERS + r"'\(rg_lru,attention': a '\(' is not closed; a pattern is comma-separated "),
     ('rg_lru*0', {}, LAYERS + r"'rg_lru\*0': '\*' must be followed by a count >= 1, not '0'"),
     ('rg_lru,,attention', {}, LAYERS + r"'rg_lru,,attention': expected a mixer name or a group at ','"),
     ('cross_attention*2', {}, LAYERS + r"'cross_attention\*2': cross_attention reads the shared keys of the layers "
