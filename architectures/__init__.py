@@ -5,4 +5,5 @@ from architectures import block_recurrent  # noqa: F401  (registers 'block_recur
 from architectures import griffin  # noqa: F401  (registers 'griffin': Griffin and Hawk)
 from architectures import yoco  # noqa: F401  (registers 'yoco')
 from architectures import goldfinch  # noqa: F401  (registers 'goldfinch': GoldFinch and Finch)
+from architectures import hybrid  # noqa: F401  (registers 'hybrid': any pattern of the mixers above)
 from architectures.registry import create_model, families, get_family, model_config  # noqa: F401

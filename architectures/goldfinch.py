@@ -43,18 +43,17 @@ import dataclasses
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from architectures import registry
 from architectures.base import ModelConfig
-from architectures.decoder import Call, Decoder, DecoderConfig
+from architectures.decoder import Decoder, DecoderConfig
+from architectures.shared_stages import CompressedKeys
 from layers import sharding
 from layers.blocks import stack
 from layers.blocks.residual import ResidualBlock
-from layers.blocks.shared_keys import AFTER_CACHED, OWN, SharedKeys
 from layers.kernels.pallas_wkv import supports as fused_wkv_supports
-from layers.mixers.gold_attention import GoldAttention, GoldKeyCache, KeyCompression, rms, shared_streams
+from layers.mixers.gold_attention import GoldAttention, KeyCompression
 from layers.mixers.rwkv6 import VARIANTS, ChannelMix, TimeMix
 from layers.mixers.wkv import IMPLEMENTATIONS as WKV_IMPLEMENTATIONS
 
@@ -120,8 +119,9 @@ class GoldFinchConfig(DecoderConfig):
 
 
 @registry.register('goldfinch')
-class GoldFinch(Decoder):
-  """The generic decoder: the RWKV blocks (`layers`), the compressed key cache (the shared-keys stage), the GOLD
+class GoldFinch(CompressedKeys, Decoder):
+  """The generic decoder: the RWKV blocks (`layers`), the compressed key cache (the shared-keys stage,
+  architectures/shared_stages.py), the GOLD
   blocks (`gold_layers`, None in Finch) reading its streams; each stack scanned or not."""
 
   Config = GoldFinchConfig
@@ -171,32 +171,6 @@ class GoldFinch(Decoder):
     (in the activation layout, as the GOLD streams: see layers/mixers/gold_attention.shared_streams)."""
     return sharding.constrain(self.embed_norm(self.io.embed_tokens(tokens)),
                               (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_EMBED))
-
-  def shared_keys(self, x: jax.Array, call: Call,
-                  cache: GoldKeyCache | None) -> tuple[SharedKeys, GoldKeyCache | None]:
-    """c = x W_down of the RWKV blocks' output x [B, T, D]; the GOLD key/value streams over the cached tokens
-    (rebuilt from their inputs and c) and these; the key cache with this call's inputs and c written."""
-    compressed = self.compression.compress(x)                                       # [B, T, D / ratio]
-    segments = call.segments
-    if cache is None:
-      kd = self.compression.decompress(call.embedded, compressed)
-      return shared_streams(kd, rms(call.embedded), segments.index, segments.document, segments.positions,
-                            OWN), None
-    past = cache.history(call.cursor.next_index, call.cursor.document)
-    x0 = jnp.concatenate([self.embed(past['inputs']), call.embedded], axis=1)         # [B, S + T, D]
-    compressed_all = jnp.concatenate([past['compressed'].astype(compressed.dtype), compressed], axis=1)
-    join = lambda name, now: jnp.concatenate([past[name], now], axis=1)
-    kd = self.compression.decompress(x0, compressed_all)
-    shared = shared_streams(kd, rms(x0), join('index', segments.index), join('document', segments.document),
-                            join('positions', segments.positions), AFTER_CACHED)
-    return shared, cache.write(call.inputs, compressed, segments.index, segments.positions)
-
-  def init_shared_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> GoldKeyCache:
-    """Token ids (or input values) and c per token: the only part of the cache that grows with the context."""
-    return GoldKeyCache.create(batch, max_len, self.compression.compressed_dim, dtype, self.config.input_features)
-
-  def shared_flops_per_token(self) -> float:
-    return self.compression.flops_per_token()
 
   def reader_window(self) -> int:
     """2G + 1: each GOLD block's two token shifts (time mix and channel mix) reach one position back."""

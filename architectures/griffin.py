@@ -178,7 +178,7 @@ class Griffin(Decoder):
     bf16_scale = jnp.bfloat16 if cfg.round_embed_scale else None
     self.io = cfg.make_io(rngs, scale_embeddings=cfg.scale_embeddings, round_scale_to=bf16_scale,
                           embed_init_std=cfg.dim ** -0.5)
-    self.groups, self.tail = stack.create_groups(lambda kind, r: self.make_block(cfg, kind, r), cfg.block_pattern,
+    self.groups, self.tail = stack.create_groups(lambda kind, _, r: self.make_block(cfg, kind, r), cfg.block_pattern,
                                                  cfg.num_layers, rngs, scan=cfg.scan_layers)
     self.final_norm = cfg.make_norm(cfg.dim)
 

@@ -46,15 +46,15 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from architectures import registry
-from architectures.decoder import Call, Decoder, DecoderConfig
+from architectures.decoder import Decoder, DecoderConfig
+from architectures.shared_stages import SharedKV
 from layers import sharding
 from layers.blocks import stack
-from layers.blocks.kv_cache import KVCache
 from layers.blocks.linear import Dense
 from layers.blocks.mlp import GatedMLP
 from layers.blocks.residual import Mixer, ResidualBlock
 from layers.blocks.rope import FREQUENCIES, STYLES, apply_rope
-from layers.blocks.shared_keys import OWN, Keys, SharedKeys
+from layers.blocks.shared_keys import SharedKeys
 from layers.documents import Segments
 from layers.flops import Lengths, attention_flops, document_lengths, mean_visible_keys
 from layers.kernels import attention_ops
@@ -204,9 +204,9 @@ def cross_attention(cfg: YOCOConfig, rngs: nnx.Rngs) -> CrossAttention:
 
 
 @registry.register('yoco')
-class YOCO(Decoder):
-  """The generic decoder: the self-decoder, the shared K/V (the shared-keys stage), the cross-decoder reading it
-  (the module docstring)."""
+class YOCO(SharedKV, Decoder):
+  """The generic decoder: the self-decoder, the shared K/V (the shared-keys stage, architectures/shared_stages.py),
+  the cross-decoder reading it (the module docstring)."""
 
   Config = YOCOConfig
   stacks = ('self_layers',)
@@ -218,32 +218,7 @@ class YOCO(Decoder):
     make_mixer = SELF_MIXERS[cfg.self_mixer]
     self.self_layers = stack.create_layers(lambda r: block(cfg, make_mixer(cfg, r), r), cfg.self_layers, rngs,
                                            scan=cfg.scan_layers)
-    self.kv_norm = cfg.make_norm(cfg.dim)
-    kv_names = (sharding.EMBED, sharding.KV_HEADS, sharding.HEAD_DIM)
-    self.key = Dense(cfg.dim, (cfg.kv_heads, cfg.head_dim), names=kv_names, rngs=rngs, **cfg.dtypes)
-    self.value = Dense(cfg.dim, (cfg.kv_heads, cfg.head_dim), names=kv_names, rngs=rngs, **cfg.dtypes)
+    self.build_shared_kv(cfg, cfg.kv_heads, cfg.head_dim, cfg.rope, rngs)
     self.cross_layers = stack.create_layers(lambda r: block(cfg, cross_attention(cfg, r), r), cfg.cross_layers,
                                             rngs, scan=cfg.scan_layers)
     self.final_norm = cfg.make_norm(cfg.dim)
-
-  def shared_keys(self, x: jax.Array, call: Call, cache: KVCache | None) -> tuple[SharedKeys, KVCache | None]:
-    """K = RoPE(RMSNorm(x) W_K), V = RMSNorm(x) W_V of the self-decoder's output x [B, T, D]: the call's
-    keys (training) or the cache's and the call's (decoding), and the cache with the call's written."""
-    kv_heads = (sharding.ACT_BATCH, sharding.ACT_LENGTH, sharding.ACT_KV_HEADS, None)
-    segments = call.segments
-    h = self.kv_norm(x)
-    k = sharding.constrain(apply_rope(self.key(h), segments.positions, **self.config.rope), kv_heads)  # [B, T, K, H]
-    v = sharding.constrain(self.value(h), kv_heads)                                                   # [B, T, K, H]
-    if cache is None:
-      keys = Keys(k, v, segments.index, segments.document, own=OWN)
-    else:
-      keys, cache = cache.extend(k, v, segments.index, segments.document)
-    return SharedKeys((keys.keys, keys.values), keys.index, keys.document, None, keys.own), cache
-
-  def init_shared_cache(self, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-    """The one global K/V every cross layer reads."""
-    return KVCache.create(batch, max_len, self.config.kv_heads, self.config.head_dim, dtype, keeps_all=True)
-
-  def shared_flops_per_token(self) -> float:
-    """W_K and W_V, once per token for the whole cross-decoder."""
-    return 2 * self.config.dim * 2 * self.config.kv_heads * self.config.head_dim

@@ -34,7 +34,8 @@ settings come from the configs (transformer.training_fields: the same for every
 family of a size); the table's header states them, and says so if they differ.
 
 `--variants=finch_c2=finch:model.time_mix=finch_c2` adds an ablation: a run named finch_c2 of
-finch.py with that field overridden, compared like any config (list it in --families). Each run's
+finch.py with that field overridden, compared like any config (list it in --families); a hybrid's
+pattern may hold commas (`--variants=samba=hybrid:model.layers=rg_lru,local_attention`). Each run's
 result is kept in <run>/compare_result.json: a later comparison with the same settings reads it
 instead of training and evaluating again, so runs can be added a few at a time. `--contexts=`
 (empty) skips the decode measurement.
@@ -48,6 +49,7 @@ is measured for the first seed only (it does not depend on the weights).
 """
 import json
 import os
+import re
 import statistics
 
 import jax
@@ -96,9 +98,18 @@ Variants = dict[str, tuple[str, dict[str, str]]]
 
 
 def parse_variants(entries: list[str]) -> Variants:
-  """['finch_c2=finch:model.time_mix=finch_c2', ...] -> {'finch_c2': ('finch', {'model.time_mix': 'finch_c2'})}."""
-  variants = {}
+  """['finch_c2=finch:model.time_mix=finch_c2', ...] -> {'finch_c2': ('finch', {'model.time_mix': 'finch_c2'})}.
+
+  An entry that does not start with name=config: continues the one before it, after the comma the flag's list
+  split there (a hybrid's pattern: samba=hybrid:model.layers=rg_lru,local_attention:model.dim=256)."""
+  joined = []
   for entry in entries:
+    if joined and not re.match(r'[^=:]+=[^=:]+:', entry):
+      joined[-1] += f',{entry}'
+    else:
+      joined.append(entry)
+  variants = {}
+  for entry in joined:
     name, _, spec = entry.partition('=')
     base, *fields = spec.split(':')
     overrides = dict(field.partition('=')[::2] for field in fields)

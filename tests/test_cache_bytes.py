@@ -4,6 +4,9 @@ its hyper-parameters (docs/architectures.md), not from the cache the model build
 b is the cache dtype's size; every cached key or value slot also keeps its token index and document
 (int32, 8 bytes); the cursor is 8 bytes a row; recurrent states are float32 whatever b is.
 """
+from collections.abc import Mapping
+from typing import Any
+
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -18,6 +21,53 @@ BATCH, CONTEXT = 3, 40
 def kv_ring(slots: int, kv_heads: int, head_dim: int, b: int) -> int:
   """Keys and values of `slots` tokens, with their index and document."""
   return slots * (2 * kv_heads * head_dim * b + 8)
+
+
+def hybrid_bytes(model_fields: Mapping[str, Any], n: int, b: int) -> int:
+  """One row's decode cache of a hybrid: each layer's mixer's (and channel mix's) state, and the shared-keys
+  stage's, from the mixers' blocks (architectures/hybrid_mixers.py)."""
+  m = architectures.model_config(model_fields)  # the pattern and every block with its defaults filled in
+  d = m.dim
+  shift = d * b + 4  # a token shift: the last input and its document
+
+  def heads(block) -> tuple[int, int, int]:
+    num = block['num_heads']
+    return num, block.get('num_kv_heads', 0) or num, block.get('head_dim', 0) or d // num
+
+  def layer(kind: str) -> int:
+    if kind in ('attention', 'local_attention'):
+      block = getattr(m, kind)
+      _, kv, head_dim = heads(block)
+      return kv_ring(min(block['window'], n) if block['window'] else n, kv, head_dim, b)
+    if kind == 'rg_lru':
+      width = m.rg_lru['width'] or d  # RG-LRU state (float32) and the conv's last conv_width - 1 inputs
+      return width * 4 + (m.rg_lru['conv_width'] - 1) * (width * b + 4)
+    if kind == 'gated_retention':
+      return d * d // m.gated_retention['num_heads'] * 4  # one (D / N)^2 float32 state per head
+    if kind == 'wkv6':
+      return d * m.wkv6['head_dim'] * 4 + shift  # one H x H float32 state per head; the time mix's token shift
+    if kind == 'aaren':
+      num, _, head_dim = heads(m.aaren)
+      return num * 4 * 2 + num * head_dim * 4 + 4  # running max, sum, weighted values; their document
+    if kind in ('windowed_attention', 'block_recurrent'):
+      block = m.block_recurrent
+      num, kv, head_dim = heads(block)
+      wide = block['span'] == 'block' or kind == 'block_recurrent' and block['state_reads_previous_window']
+      ring = kv_ring(block['window'] * (2 if wide else 1), kv, head_dim, b)
+      states = block['num_states']  # S states (float32), their document, their K/V
+      return ring + (states * d * 4 + 4 + 2 * states * kv * head_dim * b if kind == 'block_recurrent' else 0)
+    if kind == 'cross_attention':
+      return 0  # reads the one shared K/V
+    assert kind == 'gold', f'no cache formula for the mixer {kind!r}: add it here'
+    return shift  # the queries' token shift
+
+  total = sum(layer(kind) + (shift if m.mlp == 'channel_mix' else 0) for kind in m.kinds)
+  if 'cross_attention' in m.kinds:  # the shared K/V of every token
+    total += kv_ring(n, m.cross_attention['num_kv_heads'] or m.cross_attention['num_heads'],
+                     d // m.cross_attention['num_heads'], b)
+  if 'gold' in m.kinds:  # token id and compressed key of every token; the row's position offset
+    total += n * (4 + d // m.gold['key_compression'] * b) + 4
+  return 8 + total
 
 
 def expected_bytes(name: str, n: int, b: int) -> int:
@@ -50,6 +100,8 @@ def expected_bytes(name: str, n: int, b: int) -> int:
     rwkv = (m.num_layers - gold) * (2 * shift + heads * m.head_dim ** 2 * 4)  # time-mix and channel-mix shifts, wkv
     keys = n * (4 + m.dim // m.key_compression * b) + 4 if gold else 0  # token id and compressed key; offset
     return 8 + rwkv + gold * 2 * shift + keys
+  if family == 'hybrid':
+    return hybrid_bytes(m.to_dict(), n, b)
   if family == 'aaren':
     heads, head_dim = m.num_heads, m.dim // m.num_heads
     return 8 + m.num_layers * (heads * 4 * 2 + heads * head_dim * 4 + 4)  # running max, sum, weighted values

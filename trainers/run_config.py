@@ -87,7 +87,7 @@ def _check(old: ConfigDict, new: ConfigDict, workdir: str, groups: tuple[str, ..
              'dataset': set(DATASET_RUNTIME_FIELDS)}
   differences = []
   for group in groups:
-    before, now = old.get(group, ConfigDict()).to_dict(), new[group].to_dict()
+    before, now = _dotted(old.get(group, ConfigDict()).to_dict()), _dotted(new[group].to_dict())
     if group == 'dataset':
       before, now = ({**d, 'path': _absolute(d['path'])} if d.get('path') else d for d in (before, now))
     differences += [f'config.{group}.{key}: {before.get(key, "<unset>")!r} in the workdir, '
@@ -100,6 +100,14 @@ def _check(old: ConfigDict, new: ConfigDict, workdir: str, groups: tuple[str, ..
       advice = f'{advice[:-1]}, or pass {data_flag} to use the data of --config.'
     raise WorkdirMismatchError(f'{workdir} holds a run of {"other data" if only_data else "a different model"}; '
                                f'refusing to use it with this config. {"; ".join(differences)}. {advice}')
+
+
+def _dotted(fields: dict, prefix: str = '') -> dict:
+  """Nested fields (a hybrid's config blocks) by dotted name: {'rg_lru': {'impl': 'xla'}} -> {'rg_lru.impl': 'xla'}."""
+  flat = {}
+  for key, value in fields.items():
+    flat.update(_dotted(value, f'{prefix}{key}.') if isinstance(value, dict) else {f'{prefix}{key}': value})
+  return flat
 
 
 def _normalise(value: Any) -> Any:

@@ -4,6 +4,7 @@ optimizer, mesh, checkpoint_every, log_every, eval_every, ...), whatever the fam
 A family's config file calls `base_config()` and fills `config.model`.
 """
 import dataclasses
+from collections.abc import Mapping
 
 from ml_collections import ConfigDict
 
@@ -36,7 +37,8 @@ DEFAULT_SHARDING_RULES = (
 def model_config(name: str, **fields) -> ConfigDict:
   """`config.model` for family `name`: every field of its config dataclass, so each can be overridden."""
   family_config = architectures.get_family(name).Config(**fields)
-  return ConfigDict(dict(name=name, **dataclasses.asdict(family_config)))
+  values = dataclasses.asdict(family_config)  # a hybrid's blocks (frozen) as dicts, so each key can be overridden
+  return ConfigDict(dict(name=name, **{k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}))
 
 
 def base_config() -> ConfigDict:

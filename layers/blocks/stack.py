@@ -33,6 +33,8 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 LayerFn = Callable[[nnx.Module, jax.Array, Any], tuple[jax.Array, Any]]
+# make_block(kind, layer index in the model (traced when scanned), rngs) -> the block of that kind.
+MakeBlock = Callable[[str, int | jax.Array, nnx.Rngs], nnx.Module]
 
 
 def create_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
@@ -60,8 +62,9 @@ class LayerGroup(nnx.Module):
   """Consecutive blocks, one per kind of `kinds` (one period of a block pattern): one layer of the mixer
   protocol whose cache is the tuple of its blocks' caches."""
 
-  def __init__(self, make_block: Callable[[str, nnx.Rngs], nnx.Module], kinds: Sequence[str], rngs: nnx.Rngs):
-    self.blocks = nnx.List([make_block(kind, rngs) for kind in kinds])
+  def __init__(self, make_block: MakeBlock, kinds: Sequence[str], first: int | jax.Array, rngs: nnx.Rngs):
+    """Block i is make_block(kinds[i], first + i, rngs): `first` is the group's first layer index in the model."""
+    self.blocks = nnx.List([make_block(kind, first + i, rngs) for i, kind in enumerate(kinds)])
 
   def __call__(self, x: jax.Array, segments: Segments, caches: tuple | None,
                shared: SharedKeys | None = None) -> tuple[jax.Array, tuple | None]:
@@ -79,13 +82,17 @@ class LayerGroup(nnx.Module):
     return sum(block.flops_per_token(seq_len, doc_lengths) for block in self.blocks)
 
 
-def create_groups(make_block: Callable[[str, nnx.Rngs], nnx.Module], pattern: Sequence[str], num_layers: int,
-                  rngs: nnx.Rngs, *, scan: bool) -> tuple[nnx.Module, nnx.List]:
-  """`num_layers` blocks of kinds `pattern` cycled, make_block(kind, rngs) each: (the groups, one LayerGroup
-  per whole period, stacked if `scan`; the tail, a list of one LayerGroup of the remaining blocks, or empty)."""
-  num_groups, tail = divmod(num_layers, len(pattern))
-  groups = create_layers(lambda r: LayerGroup(make_block, pattern, r), num_groups, rngs, scan=scan and num_groups > 0)
-  return groups, create_layers(lambda r: LayerGroup(make_block, pattern[:tail], r), int(tail > 0), rngs, scan=False)
+def create_groups(make_block: MakeBlock, pattern: Sequence[str], num_layers: int, rngs: nnx.Rngs, *,
+                  scan: bool) -> tuple[nnx.Module, nnx.List]:
+  """`num_layers` blocks of kinds `pattern` cycled, make_block(kind, layer index, rngs) each (the index is traced
+  in scanned groups): (the groups, one LayerGroup per whole period, stacked if `scan`; the tail, a list of one
+  LayerGroup of the remaining blocks, or empty)."""
+  period = len(pattern)
+  num_groups, tail = divmod(num_layers, period)
+  groups = create_indexed_layers(lambda g, r: LayerGroup(make_block, pattern, g * period, r), range(num_groups),
+                                 rngs, scan=scan and num_groups > 0)
+  return groups, create_indexed_layers(lambda g, r: LayerGroup(make_block, pattern[:tail], num_groups * period, r),
+                                       range(int(tail > 0)), rngs, scan=False)
 
 
 def scanned(layers: nnx.Module) -> bool:
