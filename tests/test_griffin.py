@@ -148,7 +148,8 @@ def test_recurrentgemma_weights_sample_with_their_tokenizer(gemma_like_tokenizer
   assert process.returncode == 0, process.stderr[-3000:]
   ours = griffin_convert.model_from_reference(params, reference_window=4, dtype='float32', param_dtype='float32')
   new = generate(ours, [[tok.bos_id, *tok.encode('def f(x):')]], 6, eos_id=tok.eos_id, cache_dtype=jnp.float32)[0]
-  assert len(new) and process.stdout == f"--- 'def f(x):'\ndef f(x):{tok.decode(new).decode('utf-8', errors='replace')}\n\n"
+  text = tok.decode(new).decode('utf-8', errors='replace')
+  assert len(new) and process.stdout == f"--- 'def f(x):'\ndef f(x):{text}\n\n"
 
 
 # --- Our own model -------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ from trainers.tokenizer import ByteTokenizer
 from trainers.training.evaluator import evaluate_checkpoint
 from trainers.training.train_loop import train
 
-NON_ASCII = ['déjà vu, naïve café — «guillemets» ½ €\n', '日本語のテキスト。中文，한국어\n\tindent  two  spaces  \n',
-             'emoji 🙂🚀 and combining é (e + U+0301), a tab\there, CRLF\r\nend', 'Ελληνικά και русский язык ✓✗\n']
+NON_ASCII = ['déjà vu, naïve café — «guillemets» ½ €\n',
+             '日本語のテキスト。中文，한국어\n\tindent  two  spaces  \n',
+             'emoji 🙂🚀 and combining é (e + U+0301), a tab\there, CRLF\r\nend',
+             'Ελληνικά και русский язык ✓✗\n']
 
 
 def test_constants():
