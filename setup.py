@@ -3,6 +3,7 @@
     pip install -e '.[test]'     # CPU: train the tiny models and run the tests
     pip install -e '.[gpu]'      # NVIDIA GPU (CUDA 13 wheels of jax)
     pip install -e '.[tpu]'      # Cloud TPU (libtpu)
+    pip install -e '.[tokenizers]'  # SentencePiece tokenizers (config.tokenizer=<model file>)
 """
 import setuptools
 
@@ -30,7 +31,9 @@ setuptools.setup(
     extras_require={
         # jax[tpu] brings libtpu, with which the tests compile every family for real TPU topologies.
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'matplotlib>=3.8', 'nbclient>=0.10', 'nbformat>=5.10',
-                 'ipykernel>=6.29', 'jax[tpu]>=0.10.2'],
+                 'ipykernel>=6.29', 'jax[tpu]>=0.10.2', 'sentencepiece>=0.2'],
+        # config.tokenizer=<a SentencePiece model file>, experiments.train_tokenizer, sample_recurrentgemma.
+        'tokenizers': ['sentencepiece>=0.2'],
         'plots': ['matplotlib>=3.8'],
         'gpu': ['jax[cuda13]>=0.10.2'],
         'tpu': ['jax[tpu]>=0.10.2'],

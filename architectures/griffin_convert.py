@@ -5,6 +5,10 @@
     fields = griffin_convert.config_fields_from_reference(params, reference_window=2048)
     model = architectures.create_model(dict(name='griffin', **fields), nnx.Rngs(0))
     griffin_convert.load_reference_params(model, params)
+    model = griffin_convert.model_from_reference(params, reference_window=2048)  # the three steps in one
+
+Sampling from released weights, with the released SentencePiece tokenizer (tokenizer.model):
+experiments/sample_recurrentgemma.py.
 
 Mapping (recurrentgemma `blocks.<i>` -> our layer i, a layers/blocks/residual.ResidualBlock; layers sit in
 groups of len(block_pattern), `groups.<g>.blocks.<j>`, the rest in `tail.0.blocks.<j>`):
@@ -173,3 +177,13 @@ def load_reference_params(model: Griffin, params: Mapping[str, Any]) -> None:
 
   nnx.replace_by_pure_dict(state, jax.tree.map(cast, target, converted))
   nnx.update(model, state)
+
+
+def model_from_reference(params: Mapping[str, Any], *, reference_window: int, **overrides) -> Griffin:
+  """Our Griffin holding recurrentgemma's parameters: `config_fields_from_reference` (with `overrides`, e.g.
+  dtype, param_dtype), built abstractly (no initialiser runs) and filled by `load_reference_params`."""
+  config = GriffinConfig.from_mapping(config_fields_from_reference(params, reference_window=reference_window,
+                                                                   **overrides))
+  model = nnx.eval_shape(lambda: Griffin(config, rngs=nnx.Rngs(0)))
+  load_reference_params(model, params)
+  return model

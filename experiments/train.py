@@ -18,7 +18,7 @@ from trainers.training.train_loop import train
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:size].', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.', required=True)
 _RESTART = flags.DEFINE_bool('restart', False, "Start a new model in --workdir; the earlier run's files (config, "
-                             'metrics, evaluations, checkpoints) move to <workdir>/earlier_runs/<k>/.')
+                             'tokenizer, metrics, evaluations, checkpoints) move to <workdir>/earlier_runs/<k>/.')
 _FORCE_UNLOCK = flags.DEFINE_bool('force_unlock', False, "Take over --workdir's lock from a trainer that no longer "
                                   'runs (needed only for one on another host; a dead local one is detected).')
 

@@ -30,6 +30,16 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp('tensorflow_datasets')
 
 
+@pytest.fixture(scope='session')
+def sentencepiece_model(tmp_path_factory) -> str:
+  """A tiny SentencePiece model (400 pieces) trained offline on ~200 KB of the embedded corpus; its path."""
+  from tests.helpers import stdlib_slice
+  from trainers.tokenizer_training import train_sentencepiece
+  path = tmp_path_factory.mktemp('tokenizer') / 'tiny.model'
+  path.write_bytes(train_sentencepiece(stdlib_slice(200_000), vocab_size=400))
+  return str(path)
+
+
 # Fault table (docs/reliability.md): tests marked `@pytest.mark.fault(fault, outcome)` are
 # listed with their result; `SEQARCH_FAULT_TABLE=docs/reliability.md pytest ...` writes it.
 _FAULT_RESULTS: dict[str, tuple[str, str, str]] = {}

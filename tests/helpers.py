@@ -109,3 +109,18 @@ def matmul_flops(fn, *args) -> float:
         total += repeat * sum(count(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
     return total
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def stdlib_slice(num_bytes: int) -> list[bytes]:
+  """The first files of the embedded corpus (the standard library's .py files, in sorted path order) holding
+  about `num_bytes`, read straight from disk: no corpus build."""
+  import pathlib
+  import sysconfig
+  from trainers.data import local_text
+  root = sysconfig.get_paths()['stdlib']
+  documents = []
+  for relpath in local_text.list_files(root, local_text.STDLIB_PATTERNS, local_text.STDLIB_EXCLUDED_DIRS):
+    documents.append(pathlib.Path(root, relpath).read_bytes())
+    if sum(map(len, documents)) >= num_bytes:
+      break
+  return documents

@@ -1,10 +1,15 @@
 """Griffin / Hawk: logits equal recurrentgemma 1.0.1's with its weights ported (float32, documents
-packed in a row, cached decoding past the window), scanned == looped layers, padding, cache, FLOPs,
-config errors, the published shapes' parameter counts.
+packed in a row, cached decoding past the window), sampling from its saved weights with a SentencePiece
+tokenizer in Gemma's layout, scanned == looped layers, padding, cache, FLOPs, config errors, the published
+shapes' parameter counts.
 
 The parity tests need the reference: pip install --no-deps -r tests/reference_requirements.txt
 Models of one shape share compiled functions across tests (CALL is keyed by the graph definition).
 """
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +20,9 @@ import architectures
 from architectures import griffin_convert
 from architectures.base import ConfigError
 from layers.flops import mean_visible_keys
-from tests.helpers import packed_positions, random_tokens
+from tests.helpers import REPO, packed_positions, random_tokens, stdlib_slice
+from trainers import tokenizer
+from trainers.inference.sampling import generate
 
 VOCAB, LENGTH, PROMPT = 64, 24, 9
 # Blocks r, r, a | r (one group of the pattern, then a tail); window 5 = recurrentgemma's 4.
@@ -104,6 +111,45 @@ def test_converter_stacks_scanned_groups_and_checks_the_layout(reference):
     griffin_convert.load_reference_params(model(block_pattern='r'), params)
   with pytest.raises(ValueError, match='shape'):
     griffin_convert.load_reference_params(model(lru_width=32), params)
+
+
+@pytest.fixture(scope='module')
+def gemma_like_tokenizer(tmp_path_factory) -> str:
+  """A tiny SentencePiece model in the layout of Gemma's released tokenizer.model (pad 0, eos 1, bos 2, unk 3,
+  byte fallback, no normalisation), trained offline on the embedded corpus; its path."""
+  sentencepiece = pytest.importorskip('sentencepiece')
+  path = tmp_path_factory.mktemp('gemma') / 'tokenizer.model'
+  lines = [line for document in stdlib_slice(100_000) for line in document.decode('utf-8').splitlines()]
+  with open(path, 'wb') as model:
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=400, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        byte_fallback=True, normalization_rule_name='identity', add_dummy_prefix=False, minloglevel=2)
+  return str(path)
+
+
+def test_recurrentgemma_weights_sample_with_their_tokenizer(gemma_like_tokenizer, tmp_path):
+  """experiments.sample_recurrentgemma on recurrentgemma weights saved as it saves them (random, blocks r r a,
+  window 4), with --tokenizer standing in for the released tokenizer.model: prompts start with its BOS."""
+  rg = pytest.importorskip('recurrentgemma.jax')
+  tok = tokenizer.load(gemma_like_tokenizer)
+  assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (400, 2, 1)
+  r, a = rg.TemporalBlockType.RECURRENT, rg.TemporalBlockType.ATTENTION
+  config = rg.GriffinConfig(vocab_size=tok.vocab_size, width=32, mlp_expanded_width=96, num_heads=4, lru_width=48,
+                            block_types=(r, r, a), embeddings_scale_by_sqrt_dim=True, attention_window_size=4,
+                            logits_soft_cap=30.0)
+  params = random_like(jax.eval_shape(rg.Griffin(config).init, jax.random.key(2), TOKENS, POSITIONS), seed=2)
+  checkpoint = tmp_path / 'weights'
+  rg.utils.save_parameters(str(checkpoint), params['params'])
+  process = subprocess.run(
+      [sys.executable, '-m', 'experiments.sample_recurrentgemma', f'--checkpoint={checkpoint}',
+       f'--tokenizer={gemma_like_tokenizer}', '--window=4', '--dtype=float32', '--prompt=def f(x):',
+       '--max_new_tokens=6', '--temperature=0'],
+      cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert process.returncode == 0, process.stderr[-3000:]
+  ours = griffin_convert.model_from_reference(params, reference_window=4, dtype='float32', param_dtype='float32')
+  new = generate(ours, [[tok.bos_id, *tok.encode('def f(x):')]], 6, eos_id=tok.eos_id, cache_dtype=jnp.float32)[0]
+  text = tok.decode(new).decode('utf-8', errors='replace')
+  assert len(new) and process.stdout == f"--- 'def f(x):'\ndef f(x):{text}\n\n"
 
 
 # --- Our own model -------------------------------------------------------------------------------

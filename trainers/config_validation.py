@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 import architectures
 from layers import sharding
 from trainers import data, partitioning
-from trainers.tokenizer import ByteTokenizer
+from trainers import tokenizer as tokenizer_lib
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 REQUIRED_FIELDS = ('model', 'dataset', 'seq_len', 'batch_size', 'total_steps', 'seed', 'optimizer',
@@ -52,6 +52,18 @@ def _optimizer(config: ConfigDict) -> None:
   _in_range(config, 'optimizer.warmup_steps', 0, math.inf)
 
 
+def _tokenizer(config: ConfigDict, vocab_size: int) -> None:
+  """Refuses a config.tokenizer that does not load (tokenizer.load names why), one whose vocabulary
+  config.model.vocab_size does not cover, and a subword tokenizer for the synthetic tasks (written in bytes)."""
+  tokenizer = tokenizer_lib.from_config(config)
+  if vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'config.model.vocab_size={vocab_size}: {tokenizer.description} needs at least '
+                     f'{tokenizer.vocab_size}')
+  if tokenizer.identity != tokenizer_lib.BYTES and config.dataset.name in data.synthetic.TASKS:
+    raise ValueError(f'config.tokenizer={config.tokenizer!r}: the synthetic task config.dataset.name='
+                     f"{config.dataset.name!r} is written in byte tokens; use config.tokenizer='bytes'")
+
+
 def unknown_field(config: ConfigDict, dotted: str) -> str | None:
   """'unknown field config.<dotted>; known: ...' if `config` has no such (nested) field, else None."""
   node, parts = config, dotted.split('.')
@@ -81,9 +93,8 @@ def validate(config: ConfigDict, num_devices: int | None = None) -> architecture
                      f'time-series dataset ({data.timeseries.DATASETS}), not {config.dataset.name!r}')
   if model_config.input_features < 0:
     raise ValueError(f'config.model.input_features={model_config.input_features}: must be >= 0')
-  if not forecasting and model_config.vocab_size < ByteTokenizer.vocab_size:
-    raise ValueError(f'config.model.vocab_size={model_config.vocab_size}: the byte tokenizer needs at least '
-                     f'{ByteTokenizer.vocab_size}')
+  if not forecasting:
+    _tokenizer(config, model_config.vocab_size)
   for field in ('seq_len', 'batch_size', 'total_steps', 'checkpoint_every', 'log_every', 'eval_every'):
     _positive(config, field)
   for field in ('keep_checkpoints', 'eval_batches'):

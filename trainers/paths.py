@@ -3,7 +3,8 @@
 
 `as_path` keeps a URI as it is (os.path.abspath would turn gs://b/run into a local folder named `gs:`)
 and makes a local path absolute (orbax needs that). Object stores have no append and no atomic rename:
-`write_text_atomically` replaces a file whole (a temporary file renamed over it, atomic on a local disk).
+`write_text_atomically` (and `write_bytes_atomically`) replace a file whole (a temporary file renamed over it,
+atomic on a local disk).
 """
 import os
 
@@ -22,7 +23,12 @@ def as_path(path: str | os.PathLike) -> epath.Path:
 
 
 def write_text_atomically(path: epath.Path, text: str) -> None:
-  """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+  """Writes `text` (UTF-8) to a temporary file beside `path`, then renames it over `path`."""
+  write_bytes_atomically(path, text.encode('utf-8'))
+
+
+def write_bytes_atomically(path: epath.Path, data: bytes) -> None:
+  """Writes `data` to a temporary file beside `path`, then renames it over `path`."""
   temporary = path.with_name(path.name + '.tmp')
-  temporary.write_text(text)
+  temporary.write_bytes(data)
   temporary.replace(path)

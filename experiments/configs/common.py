@@ -1,4 +1,4 @@
-"""Fields every experiment config shares (model, dataset, seq_len, batch_size, total_steps, seed,
+"""Fields every experiment config shares (model, tokenizer, dataset, seq_len, batch_size, total_steps, seed,
 optimizer, mesh, checkpoint_every, log_every, eval_every, ...), whatever the family.
 
 A family's config file calls `base_config()` and fills `config.model`.
@@ -44,6 +44,9 @@ def model_config(name: str, **fields) -> ConfigDict:
 def base_config() -> ConfigDict:
   config = ConfigDict()
   config.model = ConfigDict()
+  # 'bytes' (ids 0..255 and EOS 256), or the path of a SentencePiece model file (experiments.train_tokenizer;
+  # config.model.vocab_size must cover its vocabulary); bits per byte compares the two (trainers/tokenizer.py).
+  config.tokenizer = 'bytes'
   config.dataset = ConfigDict(dict(
       name='python_stdlib',          # embedded default; 'local_text' (+ path) or a tfds catalog name
       path='',

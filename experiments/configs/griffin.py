@@ -16,8 +16,10 @@
 `window` counts the keys a query sees, itself included: recurrentgemma's
 attention_window_size w is window w + 1 here (2048 -> 2049), so the published
 shapes match the released models exactly. Their vocabulary is Gemma's 256000 (a
-SentencePiece model this codebase does not ship: its tokenizer is bytes, trainers/tokenizer.py);
-load weights with architectures/griffin_convert.py (docs/architectures.md, Griffin).
+SentencePiece model released with the weights, not shipped here; the configs here train on bytes unless
+config.tokenizer names a model file, trainers/tokenizer.py); load weights with
+architectures/griffin_convert.py (docs/architectures.md, Griffin), or sample them with their tokenizer:
+experiments/sample_recurrentgemma.py.
 """
 from ml_collections import ConfigDict
 

@@ -1,4 +1,4 @@
-"""Data pipeline: local tfds corpora, packed byte-token rows, grain iterators.
+"""Data pipeline: local tfds corpora, their splits as ids of the run's tokenizer, packed rows, grain iterators.
 
 The trainer uses only what is exported here (see `pipeline.py`):
 `make_train_iterator`, `make_eval_batches`, `corpus_unigram_entropy_bits`,

@@ -1,7 +1,7 @@
 """PackedRows: a deterministic random-access view of packed training rows.
 
 For epoch e the documents are permuted with `np.random.default_rng([seed, e])`,
-each becomes its bytes + EOS, and they are concatenated into one stream of
+each becomes its tokens + EOS, and they are concatenated into one stream of
 T tokens. Row r of the epoch is `stream[r*L : r*L + L + 1]` (stride L, one
 token of overlap), so every stream token after the first is a target exactly
 once; the trailing `(T - 1) % L` targets of an epoch are dropped. The rows
@@ -10,8 +10,10 @@ hold neighbouring chunks of one document. Row i of the infinite sequence is
 row `i % rows_per_epoch` of epoch `i // rows_per_epoch`.
 
 `positions` count from 0 at each document start; a document continued from the
-previous row keeps counting. With `shuffle=False, drop_remainder=False` (for
-evaluation) the order is the stored one and the last row is padded with
+previous row keeps counting. `token_bytes` holds how many bytes of its
+document each token stands for (EOS and padding: 0), so that bits per byte
+sums them over the counted targets. With `shuffle=False, drop_remainder=False`
+(for evaluation) the order is the stored one and the last row is padded with
 token 0 at position -1.
 
 Only per-epoch arrays (document order, offsets, row order) live in memory;
@@ -22,9 +24,6 @@ import threading
 
 import numpy as np
 
-from trainers.tokenizer import ByteTokenizer
-
-EOS = ByteTokenizer.eos_id
 PAD_TOKEN = 0
 PAD_POSITION = -1
 
@@ -39,16 +38,18 @@ class _Epoch:
 
 
 class PackedRows:
-  """`rows[i] -> {'tokens': int32[L+1], 'positions': int32[L+1]}` for any i >= 0."""
+  """`rows[i] -> {'tokens', 'positions', 'token_bytes'}`, each int32[L+1], for any i >= 0."""
 
-  def __init__(self, docs, doc_lengths, seq_len: int, seed: int = 0, *,
+  def __init__(self, docs, doc_lengths, seq_len: int, seed: int = 0, *, eos_id: int,
                shuffle: bool = True, shuffle_rows: bool | None = None, drop_remainder: bool = True,
                cache_docs: int = 256, cache_epochs: int = 2):
     """Args:
-      docs: `len(docs)` and `docs[i] -> bytes` (e.g. `sources.TextSource`).
-      doc_lengths: int[len(docs)], tokens per document (bytes + 1).
+      docs: `len(docs)` and `docs[i] -> (ids, token_bytes)` of a document, without EOS
+        (`tokenized.open_documents`).
+      doc_lengths: int[len(docs)], tokens per document with its EOS.
       seq_len: L; rows hold L + 1 tokens.
       seed: non-negative integer.
+      eos_id: the tokenizer's end of document, appended to each.
       shuffle: permute documents and rows per epoch (training) or not (eval).
       shuffle_rows: permute rows (default: as `shuffle`); False keeps each
         epoch's rows in stream order, as long-document streaming needs.
@@ -60,6 +61,7 @@ class PackedRows:
     self.doc_lengths = np.asarray(doc_lengths, np.int64)
     self.seq_len = int(seq_len)
     self.seed = int(seed)
+    self.eos_id = int(eos_id)
     self.shuffle = shuffle
     self.shuffle_rows = shuffle if shuffle_rows is None else shuffle_rows
     if self.seq_len < 1:
@@ -106,21 +108,21 @@ class PackedRows:
         self._epochs.popitem(last=False)
     return state
 
-  def _doc_bytes(self, index: int) -> np.ndarray:
+  def _doc(self, index: int) -> tuple[np.ndarray, np.ndarray]:
     with self._lock:
       if index in self._docs_cache:
         self._docs_cache.move_to_end(index)
         return self._docs_cache[index]
-    data = np.frombuffer(self.docs[index], np.uint8)
-    if len(data) + 1 != self.doc_lengths[index]:
+    ids, token_bytes = self.docs[index]
+    if len(ids) + 1 != self.doc_lengths[index]:
       raise RuntimeError(
-          f'Document {index} has {len(data)} bytes but its cached length is '
-          f'{self.doc_lengths[index] - 1}: delete the stale seqarch_stats cache.')
+          f'Document {index} has {len(ids)} tokens but its cached length is '
+          f'{self.doc_lengths[index] - 1}: delete the stale seqarch_stats (or seqarch_tokens) cache.')
     with self._lock:
-      self._docs_cache[index] = data
+      self._docs_cache[index] = ids, token_bytes
       while len(self._docs_cache) > self._cache_docs:
         self._docs_cache.popitem(last=False)
-    return data
+    return ids, token_bytes
 
   def row_offsets(self, epoch: int) -> np.ndarray:
     """Stream offset of each row of `epoch`, in row order."""
@@ -137,21 +139,23 @@ class PackedRows:
     stop = min(start + width, self.total_tokens)
     tokens = np.full(width, PAD_TOKEN, np.int32)
     positions = np.full(width, PAD_POSITION, np.int32)
+    token_bytes = np.zeros(width, np.int32)
     slot = int(np.searchsorted(state.offsets, start, side='right')) - 1
     g = start
     while g < stop:
       doc_start, doc_end = int(state.offsets[slot]), int(state.offsets[slot + 1])
       lo, hi = g - doc_start, min(stop, doc_end) - doc_start  # Within the document.
-      data = self._doc_bytes(int(state.order[slot]))
+      ids, doc_bytes = self._doc(int(state.order[slot]))
       out = g - start
-      body_hi = min(hi, len(data))  # Token len(data) of a document is its EOS.
-      tokens[out:out + body_hi - lo] = data[lo:body_hi]
-      if hi > len(data):
-        tokens[out + hi - lo - 1] = EOS
+      body_hi = min(hi, len(ids))  # Token len(ids) of a document is its EOS (0 bytes).
+      tokens[out:out + body_hi - lo] = ids[lo:body_hi]
+      token_bytes[out:out + body_hi - lo] = doc_bytes[lo:body_hi]
+      if hi > len(ids):
+        tokens[out + hi - lo - 1] = self.eos_id
       positions[out:out + hi - lo] = np.arange(lo, hi, dtype=np.int32)
       g = doc_start + hi
       slot += 1
-    return {'tokens': tokens, 'positions': positions}
+    return {'tokens': tokens, 'positions': positions, 'token_bytes': token_bytes}
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)

@@ -1,11 +1,14 @@
 """The data interface of the trainer: training iterator, eval batches, unigram
-entropy, and `describe` (what a run reads: the corpus, its build, documents
-and tokens per split, duplicates dropped, and the validation split's overlap
+entropy, and `describe` (what a run reads: the corpus, its build, the tokenizer,
+documents and tokens per split, duplicates dropped, and the validation split's overlap
 with training), which train logs and evaluate writes into eval.json.
 
-Batches are `{'tokens': int32[B_local, L+1], 'positions': int32[B_local, L+1]}`
+Batches are `{'tokens', 'positions', 'token_bytes'}`, each int32[B_local, L+1]
 (inputs `tokens[:, :-1]`, targets `tokens[:, 1:]`; positions restart at 0 at
-each document start, -1 marks padding).
+each document start, -1 marks padding; token_bytes: how many bytes of its
+document each token stands for, 0 for EOS and padding). Documents become ids of
+the run's tokenizer (`config.tokenizer`: bytes, or a SentencePiece model whose
+tokens of each split are built once, tokenized.py).
 
 Training: global batch k is rows `[k*B, (k+1)*B)` of `PackedRows(train split,
 seed=config.seed)`; process p of P takes rows `[k*B + p*B/P, k*B + (p+1)*B/P)`.
@@ -26,6 +29,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from trainers import tokenizer as tokenizer_lib
 from trainers.data import local_text
 from trainers.data import packing
 from trainers.data import sources
@@ -33,6 +37,7 @@ from trainers.data import streaming
 from trainers.data import synthetic
 from trainers.data import timeseries
 from trainers.data import stats as stats_lib
+from trainers.data import tokenized
 
 _ENDLESS = 1 << 62  # Rows per process: a grain range that never runs out.
 _STATE_VERSION = 1
@@ -40,6 +45,11 @@ _STATE_VERSION = 1
 
 def _dataset_field(config, field, default):
   return config.dataset.get(field, default)
+
+
+def _documents(config, split: str, tokenizer: tokenizer_lib.Tokenizer):
+  """The documents of `split` of config.dataset as ids of `tokenizer`."""
+  return tokenized.open_documents(sources.open_split(config.dataset, split), tokenizer)
 
 
 def _check_batching(config, process_index: int, process_count: int) -> int:
@@ -136,14 +146,16 @@ def make_train_iterator(config, *, process_index: int = 0, process_count: int = 
     return DataIterator(rows, batch_size=config.batch_size, process_index=process_index,
                         process_count=process_count, num_threads=_dataset_field(config, 'num_threads', 4),
                         prefetch=_dataset_field(config, 'prefetch', 2), identity=rows.identity)
-  source = sources.open_split(config.dataset, 'train')
-  split = stats_lib.split_stats(source)
-  identity = source.identity
+  tokenizer = tokenizer_lib.from_config(config)
+  docs = _documents(config, 'train', tokenizer)
+  identity = docs.identity
   if config.get('streaming') and config.streaming.enabled:  # each row continues its own document stream
-    rows = streaming.StreamRows(source, split.doc_lengths, config.seq_len, lanes=config.batch_size, seed=config.seed)
+    rows = streaming.StreamRows(docs, docs.stats.doc_lengths, config.seq_len, lanes=config.batch_size,
+                                seed=config.seed, eos_id=tokenizer.eos_id)
     identity += '/stream'
   else:
-    rows = packing.PackedRows(source, split.doc_lengths, config.seq_len, seed=config.seed)
+    rows = packing.PackedRows(docs, docs.stats.doc_lengths, config.seq_len, seed=config.seed,
+                              eos_id=tokenizer.eos_id)
   return DataIterator(
       rows, batch_size=config.batch_size, process_index=process_index,
       process_count=process_count,
@@ -196,9 +208,9 @@ def make_eval_batches(config, *, split: str = 'validation', num_batches: int | N
     if num_batches is not None:
       total = min(total, num_batches)
   else:
-    source = sources.open_split(config.dataset, split)
-    split_stats = stats_lib.split_stats(source)
-    rows = packing.PackedRows(source, split_stats.doc_lengths, seq_len,
+    tokenizer = tokenizer_lib.from_config(config)
+    docs = _documents(config, split, tokenizer)
+    rows = packing.PackedRows(docs, docs.stats.doc_lengths, seq_len, eos_id=tokenizer.eos_id,
                               shuffle=False, drop_remainder=False)
     total = math.ceil(rows.rows_per_epoch / batch_size)
     if num_batches is not None:
@@ -216,11 +228,11 @@ def make_eval_batches(config, *, split: str = 'validation', num_batches: int | N
 
 
 def corpus_unigram_entropy_bits(config, split: str = 'train') -> float | None:
-  """Entropy (bits/token) of the split's byte-token unigram distribution, EOS included
+  """Entropy (bits/token) of the split's unigram distribution of the run's tokens, EOS included
   (None for a synthetic task or a time series, which have no corpus)."""
   if config.dataset.name in synthetic.TASKS + timeseries.DATASETS:
     return None
-  return stats_lib.split_stats(sources.open_split(config.dataset, split)).unigram_entropy_bits()
+  return _documents(config, split, tokenizer_lib.from_config(config)).stats.unigram_entropy_bits()
 
 
 def pin_build(config, data_state: dict):
@@ -245,11 +257,13 @@ def describe(config) -> dict:
   name = config.dataset.name
   if name in synthetic.TASKS + timeseries.DATASETS:
     return dict(name=name, generated=True)
-  splits = {split: sources.open_split(config.dataset, split) for split in ('train', 'validation')}
-  description = dict(name=name, build=splits['train'].identity.rsplit('/', 1)[0], **splits['train'].build)
-  for split, source in splits.items():
-    description[split] = dict(documents=len(source), tokens=stats_lib.split_stats(source).total_tokens)
-  description['overlap'] = stats_lib.overlap(splits['train'], splits['validation'])
+  tokenizer = tokenizer_lib.from_config(config)
+  splits = {split: _documents(config, split, tokenizer) for split in ('train', 'validation')}
+  train, validation = splits['train'].source, splits['validation'].source
+  description = dict(name=name, build=train.identity.rsplit('/', 1)[0], tokenizer=tokenizer.identity, **train.build)
+  for split, docs in splits.items():
+    description[split] = dict(documents=len(docs), tokens=docs.stats.total_tokens)
+  description['overlap'] = stats_lib.overlap(train, validation)
   return description
 
 
@@ -258,6 +272,8 @@ def summarize(description: dict) -> str:
   if description.get('generated'):
     return f"{description['name']} (generated)"
   text = f"{description['name']} ({description['build']}{', ' + description['path'] if 'path' in description else ''})"
+  if description.get('tokenizer', tokenizer_lib.BYTES) != tokenizer_lib.BYTES:
+    text += f" in tokens of {description['tokenizer']}"
   text += ''.join(f"; {split} {description[split]['documents']:,} documents, {description[split]['tokens']:,} tokens"
                   for split in ('train', 'validation'))
   if 'files' in description:

@@ -1,4 +1,4 @@
-"""Per-split statistics: document lengths in tokens and byte-token counts; and
+"""Per-split statistics of byte tokens: document lengths and token counts; and
 how much of the validation split the training split already holds.
 
 One pass over the split gives both; they are cached in the dataset's folder
@@ -35,8 +35,10 @@ OVERLAP_MAX_TRAIN_BYTES = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class SplitStats:
-  doc_lengths: np.ndarray  # int64[num_docs]: tokens per document, bytes + 1 (EOS).
-  token_counts: np.ndarray  # int64[257]: how often each token id occurs (EOS once per document).
+  """Of a split's documents as tokens (`compute_stats` for bytes; trainers/data/tokenized.py for subwords)."""
+
+  doc_lengths: np.ndarray  # int64[num_docs]: tokens per document, its EOS included (bytes + 1 for bytes).
+  token_counts: np.ndarray  # int64[vocabulary]: how often each token id occurs (EOS once per document).
 
   @property
   def total_tokens(self) -> int:
@@ -68,12 +70,15 @@ def compute_stats(docs, chunk_bytes: int = 1 << 24) -> SplitStats:
   return SplitStats(lengths, counts)
 
 
+def split_file_stem(source) -> str:
+  """'<split>.<text feature>' of a `sources.TextSource`, as a file name: what its caches are named after."""
+  return re.sub(r'[^\w.+-]', '_', f"{source.identity.rsplit('/', 1)[-1]}.{source.text_feature}")
+
+
 def _cache_path(source) -> str | None:
   if not source.cache_dir:
     return None
-  split = source.identity.rsplit('/', 1)[-1]
-  safe = re.sub(r'[^\w.+-]', '_', f'{split}.{source.text_feature}')
-  return os.path.join(source.cache_dir, 'seqarch_stats', f'{safe}.npz')
+  return os.path.join(source.cache_dir, 'seqarch_stats', f'{split_file_stem(source)}.npz')
 
 
 def _load(path: str, num_docs: int) -> SplitStats | None:
@@ -87,7 +92,7 @@ def _load(path: str, num_docs: int) -> SplitStats | None:
   return stats if ok else None
 
 
-def _write_atomically(path: str, write) -> None:
+def write_atomically(path: str, write) -> None:
   """write(binary file) into a temporary file renamed to `path`; a read-only folder only logs a warning."""
   tmp = None
   try:
@@ -97,13 +102,13 @@ def _write_atomically(path: str, write) -> None:
       write(f)
     os.replace(tmp, path)
   except OSError as e:  # A read-only dataset folder: keep the result in memory only.
-    logging.warning('Could not cache split statistics at %s: %s', path, e)
+    logging.warning('Could not cache %s: %s', path, e)
     if tmp and os.path.exists(tmp):
       os.remove(tmp)
 
 
 def _save(path: str, stats: SplitStats) -> None:
-  _write_atomically(path, lambda f: np.savez(f, doc_lengths=stats.doc_lengths, token_counts=stats.token_counts))
+  write_atomically(path, lambda f: np.savez(f, doc_lengths=stats.doc_lengths, token_counts=stats.token_counts))
 
 
 def split_stats(source) -> SplitStats:
@@ -165,5 +170,5 @@ def overlap(train, validation) -> dict:
                len(validation), len(train))
   result = compute_overlap(train, validation)
   if path:
-    _write_atomically(path, lambda f: f.write(json.dumps(result).encode('utf-8')))
+    write_atomically(path, lambda f: f.write(json.dumps(result).encode('utf-8')))
   return result

@@ -82,7 +82,8 @@ def task_rows(config, split: str, seq_len: int | None = None) -> 'TaskRows':
 
 
 class TaskRows:
-  """rows[i] -> {'tokens', 'positions', 'answer'} of seq_len + 1 entries, from (seed, i) alone."""
+  """rows[i] -> {'tokens', 'positions', 'answer', 'token_bytes'} of seq_len + 1 entries, from (seed, i) alone
+  (every token is one byte)."""
 
   def __init__(self, task: str, seq_len: int, seed: int, *, num_pairs: int = 8, depth: float = -1.0,
                num_tokens: int = 8):
@@ -98,4 +99,5 @@ class TaskRows:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     tokens, answer = self._make(np.random.default_rng([self.seed, int(index)]), self.seq_len + 1)
-    return dict(tokens=tokens, positions=np.arange(self.seq_len + 1, dtype=np.int32), answer=answer)
+    return dict(tokens=tokens, positions=np.arange(self.seq_len + 1, dtype=np.int32), answer=answer,
+                token_bytes=np.ones(self.seq_len + 1, np.int32))

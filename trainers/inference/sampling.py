@@ -19,6 +19,7 @@ from flax import nnx
 from architectures.base import SequenceModel
 from layers.blocks.embedding import Embed
 from layers.blocks.linear import Dense
+from trainers.tokenizer import Tokenizer
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -133,3 +134,14 @@ def generate(model: SequenceModel, prompts: Sequence[Sequence[int]], max_new_tok
                            top_k=int(top_k), top_p=float(top_p), eos_id=eos_id, cache_dtype=jnp.dtype(cache_dtype),
                            prefill_chunk=int(prefill_chunk)))
   return [row[row >= 0] for row in out]
+
+
+def generate_text(model: SequenceModel, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+                  bos: bool = False, **options) -> list[bytes]:
+  """The bytes each prompt continues with, up to the tokenizer's end of sequence: the prompts encoded by
+  `tokenizer` (after its BOS with `bos`, as models trained with one expect), continued by `generate` (`options`:
+  temperature, top_k, top_p, seed, cache_dtype, prefill_chunk) and decoded."""
+  prefix = [tokenizer.bos_id] if bos and tokenizer.bos_id is not None else []
+  encoded = [np.concatenate([prefix, tokenizer.encode(prompt)]).astype(np.int32) for prompt in prompts]
+  outputs = generate(model, encoded, max_new_tokens, eos_id=tokenizer.eos_id, **options)
+  return [tokenizer.decode(tokens) for tokens in outputs]

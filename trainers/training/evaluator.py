@@ -2,8 +2,11 @@
 position in the document, length extrapolation, and task accuracy; for a time
 series, MSE and MAE of the next-step predictions.
 
-bits/byte = (summed nats over all counted targets) / ln 2 / (number of byte
-targets); end-of-document predictions count in the loss but are not bytes.
+bits/byte = (summed nats over all counted targets) / ln 2 / (the bytes those
+targets stand for: each token's `token_bytes`, 1 for a byte token, the bytes
+of its piece of the document for a SentencePiece token, 0 for an end of
+document, which counts in the loss but is no byte), so byte and subword runs
+compare.
 Loss by position groups targets by how many tokens of their document precede
 them in the row (the context the model sees) into buckets [1], [2, 4), [4, 8),
 ...; the long-context benefit of recurrent models shows in the late buckets.
@@ -30,6 +33,7 @@ from trainers import data, paths
 from trainers.checkpoints import read_checkpoint
 from trainers.experiment import Experiment
 from trainers.logs import compiling
+from trainers.tokenizer import BYTES
 from trainers.training import steps
 
 PROGRESS_SECONDS = 10.0
@@ -114,11 +118,16 @@ PASSKEY_MIN_LENGTH = 128  # the needle and the question take ~100 bytes
 def task_scores(config: ConfigDict, exp: Experiment, params: nnx.State, *, progress: bool = False,
                 eval_step: EvalStep | None = None) -> dict:
   """Argmax accuracy on the answer tokens of each task in config.eval_tasks (passkey: per
-  length and depth), whatever data the model was trained on."""
+  length and depth), whatever data the model was trained on; the tasks are written in byte tokens, so a model
+  of another tokenizer skips them."""
   scores = {}
+  tokenizer = config.get('tokenizer', BYTES)
   for task in config.get('eval_tasks', ()):
     if task not in data.synthetic.TASKS:
       raise ValueError(f'config.eval_tasks has unknown task {task!r}; known: {data.synthetic.TASKS}')
+    if tokenizer != BYTES:
+      scores[task] = f'skipped: the task is written in byte tokens, the model reads config.tokenizer={tokenizer!r}'
+      continue
     grid = [(config.seq_len, -1.0)]
     if task == 'passkey':
       lengths = [k * config.seq_len for k in (1, 2, 4) if k * config.seq_len >= PASSKEY_MIN_LENGTH]

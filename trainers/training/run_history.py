@@ -3,8 +3,8 @@
 A start that finds no checkpoint to resume from, in a workdir whose
 checkpoints were all set aside as corrupt, refuses (`EarlierRunError`) until
 asked for a new run (`experiments.train --restart`); a new run moves the
-earlier run's files (config, metrics, evaluations, checkpoints, TensorBoard
-events, profiles) into `<workdir>/earlier_runs/<k>/` (`set_aside_earlier_run`).
+earlier run's files (config, tokenizer, metrics, evaluations, checkpoints,
+TensorBoard events, profiles) into `<workdir>/earlier_runs/<k>/` (`set_aside_earlier_run`).
 Metrics of a run that never saved a checkpoint (killed before its first one)
 are moved there too, with a warning, rather than truncated. A workdir that a
 failed start created and left without a checkpoint or a metrics record is
@@ -19,10 +19,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from trainers import paths
-from trainers.run_config import FILENAME
+from trainers.run_config import FILENAME, TOKENIZER_FILENAME
 
 EARLIER_RUNS = 'earlier_runs'
-RUN_FILES = (FILENAME, 'metrics.jsonl', 'eval*.json', 'tensorboard', 'profile', 'checkpoints')
+RUN_FILES = (FILENAME, TOKENIZER_FILENAME, 'metrics.jsonl', 'eval*.json', 'tensorboard', 'profile', 'checkpoints')
 HISTORY_FILES = ('metrics.jsonl', 'eval*.json', 'tensorboard', 'profile')  # what a run writes besides checkpoints
 
 

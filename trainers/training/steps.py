@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from trainers.tokenizer import ByteTokenizer
 from trainers.training.cross_entropy import cross_entropy
 from trainers.training.train_state import TrainState
 
@@ -52,8 +51,7 @@ def _forward(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, carry: Any
                 abs_error_sum=jnp.sum(jnp.mean(jnp.abs(error), axis=-1) * weights))
   else:
     losses = cross_entropy(outputs, targets, model.logits_soft_cap) * weights
-    byte_weights = weights * (targets < ByteTokenizer.eos_id)
-    sums = dict(loss_sum=jnp.sum(losses), target_count=jnp.sum(weights), byte_count=jnp.sum(byte_weights))
+    sums = dict(loss_sum=jnp.sum(losses), target_count=jnp.sum(weights))
   return outputs, losses, sums, carry
 
 
@@ -147,11 +145,14 @@ def position_bucket(context: jax.Array, num_buckets: int) -> jax.Array:
 
 
 def make_eval_step(graphdef: nnx.GraphDef, num_buckets: int = 24) -> Callable:
-  """(params, batch) -> dict of sums: loss_sum, target_count, byte_count; loss and count per
-  context-length bucket; and, when the batch marks answer tokens, how many the argmax got right."""
+  """(params, batch) -> dict of sums: loss_sum, target_count, byte_count (of token batches: the bytes the
+  counted targets stand for, from the batch's token_bytes); loss and count per context-length bucket; and,
+  when the batch marks answer tokens, how many the argmax got right."""
   def eval_step(params: nnx.State, batch: Batch) -> dict:
     outputs, losses, sums, _ = _forward(graphdef, params, batch)
     _, _, targets, weights = split_batch(batch)
+    if 'token_bytes' in batch:
+      sums['byte_count'] = jnp.sum(weights * batch['token_bytes'][:, 1:])
     bucket = position_bucket(context_lengths(batch['positions']), num_buckets).ravel()
     sums['bucket_loss'] = jax.ops.segment_sum(losses.ravel(), bucket, num_buckets)
     sums['bucket_count'] = jax.ops.segment_sum(weights.ravel(), bucket, num_buckets)
