@@ -102,10 +102,13 @@ def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
 
-def _assert_batches_equal(a, b):
+TRAIN_KEYS, EVAL_KEYS = {'tokens', 'positions'}, {'tokens', 'positions', 'token_bytes'}  # bytes: eval only
+
+
+def _assert_batches_equal(a, b, keys=TRAIN_KEYS):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert x.keys() == y.keys() == {'tokens', 'positions', 'token_bytes'}
+    assert x.keys() == y.keys() == keys
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
 
@@ -395,7 +398,7 @@ def test_batch_not_divisible_by_processes_is_an_error(config):
 def test_eval_batches_are_deterministic_complete_and_padded(config):
   _, texts = _split_files(config, 'validation')
   batches = list(data.make_eval_batches(config, batch_size=3, seq_len=32))
-  _assert_batches_equal(batches, list(data.make_eval_batches(config, batch_size=3, seq_len=32)))
+  _assert_batches_equal(batches, list(data.make_eval_batches(config, batch_size=3, seq_len=32)), EVAL_KEYS)
   stream = np.concatenate([np.append(TOK.encode(t), EOS) for t in texts])
   tokens = np.concatenate([b['tokens'] for b in batches])
   positions = np.concatenate([b['positions'] for b in batches])

@@ -6,7 +6,7 @@ with training), which train logs and evaluate writes into eval.json.
 Batches are `{'tokens', 'positions', 'token_bytes'}`, each int32[B_local, L+1]
 (inputs `tokens[:, :-1]`, targets `tokens[:, 1:]`; positions restart at 0 at
 each document start, -1 marks padding; token_bytes: how many bytes of its
-document each token stands for, 0 for EOS and padding). Documents become ids of
+document each token stands for, 0 for EOS and padding; eval batches only). Documents become ids of
 the run's tokenizer (`config.tokenizer`: bytes, or a SentencePiece model whose
 tokens of each split are built once, tokenized.py).
 
@@ -66,8 +66,14 @@ def _check_batching(config, process_index: int, process_count: int) -> int:
   return config.batch_size // process_count
 
 
+# Row fields only evaluation reads (bits per byte); training batches leave them out, so they are never copied
+# to the devices on the training hot path.
+EVAL_ONLY = ('token_bytes',)
+
+
 class DataIterator:
-  """Training batches of one process; `get_state()` / `set_state()` for checkpoints."""
+  """Training batches of one process (rows without EVAL_ONLY fields); `get_state()` / `set_state()` for
+  checkpoints."""
 
   def __init__(self, rows: packing.PackedRows, *, batch_size: int, process_index: int,
                process_count: int, num_threads: int, prefetch: int, identity: str):
@@ -85,9 +91,10 @@ class DataIterator:
     batch, local, first = self._batch_size, self._local_batch, self._process_index * self._local_batch
     rows = self._rows
 
-    def read_row(j):  # j-th row of this process since `next_row`.
+    def read_row(j):  # j-th row of this process since `next_row`, without what the train step does not read
       k, m = divmod(j, local)
-      return rows[next_row + k * batch + first + m]
+      row = rows[next_row + k * batch + first + m]
+      return {key: value for key, value in row.items() if key not in EVAL_ONLY}
 
     self.close()
     dataset = (grain.MapDataset.range(_ENDLESS)
